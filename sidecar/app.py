@@ -1,0 +1,227 @@
+"""Wiring: the only place that builds the parts and connects them.
+
+``create_app(settings)`` returns the traffic application (proxy and, later, replay API) whose
+``cleanup_ctx`` owns Redis, the writer, the run registry and the upstream session;
+``create_admin_app`` returns the admin application (/metrics, /healthz, /readyz); ``serve`` runs
+both until SIGTERM/SIGINT and shuts down in order: unready, stop accepting, let running streams
+finish for ``drain_seconds``, end the rest with the ``sidecar_shutdown`` terminal, flush the
+writer within ``flush_deadline_seconds``, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.exposition import (
+    CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
+)
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from sidecar.config import Settings
+from sidecar.keys import Keys
+from sidecar.proxy import Proxy
+from sidecar.runs import RunRegistry
+from sidecar.telemetry import Metrics
+from sidecar.terminal import EndCause
+from sidecar.writer import Writer
+
+log = logging.getLogger(__name__)
+
+# Time the writer gets, after the last run ended, to put what is buffered into Redis.
+FLUSH_DEADLINE_SECONDS = 5.0
+
+
+@dataclass
+class State:
+    """Mutable process state the admin port reports on."""
+
+    draining: bool = False
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+STATE = web.AppKey("state", State)
+REDIS = web.AppKey("redis", Redis)
+WRITER = web.AppKey("writer", Writer)
+RUNS = web.AppKey("runs", RunRegistry)
+PROXY = web.AppKey("proxy", Proxy)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    app = web.Application(middlewares=[_http_metrics])
+    app[SETTINGS] = settings
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[STATE] = State()
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_drain)
+    app.router.add_route("*", "/{tail:.*}", _proxy, name="proxy")
+    return app
+
+
+def create_admin_app(traffic: web.Application) -> web.Application:
+    admin = web.Application()
+    admin[SETTINGS] = traffic[SETTINGS]
+    admin[METRICS] = traffic[METRICS]
+    admin[STATE] = traffic[STATE]
+
+    async def readyz(request: web.Request) -> web.Response:
+        return await _readyz(traffic)
+
+    admin.router.add_get("/metrics", _metrics)
+    admin.router.add_get("/healthz", _healthz)
+    admin.router.add_get("/readyz", readyz)
+    return admin
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    metrics = app[METRICS]
+    redis = Redis.from_url(
+        s.redis_url,
+        socket_timeout=s.redis_timeout_seconds,
+        socket_connect_timeout=s.redis_timeout_seconds,
+    )
+    writer = Writer(
+        redis,
+        Keys(s.key_prefix),
+        metrics,
+        flush_max_events=s.flush_max_events,
+        max_bytes=s.writer_max_bytes,
+        ttl_seconds=s.stream_ttl_seconds,
+        max_stream_events=s.max_stream_events,
+        lease_seconds=s.lease_seconds,
+        command_timeout=s.redis_timeout_seconds,
+    )
+    runs = RunRegistry(writer, s.lease_seconds)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=s.upstream_max_connections),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+    )
+    writer.start()
+    runs.start()
+    app[REDIS] = redis
+    app[WRITER] = writer
+    app[RUNS] = runs
+    app[PROXY] = Proxy(s, session, writer, runs, metrics)
+    try:
+        yield
+    finally:
+        await runs.stop()
+        await writer.close(FLUSH_DEADLINE_SECONDS)
+        await session.close()
+        await redis.aclose()
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown: listeners are closed; let running tees end, then force the rest."""
+    app[STATE].draining = True
+    runs = app[RUNS]
+    if not len(runs):
+        return
+    seconds = app[SETTINGS].drain_seconds
+    log.info("draining %d running streams for up to %.1fs", len(runs), seconds)
+
+    def forced(n: int) -> None:
+        log.warning("%d streams still running after %.1fs: ending them", n, seconds)
+
+    await runs.drain(seconds, EndCause.SIDECAR_SHUTDOWN, forced)
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].handle(request)
+
+
+@web.middleware
+async def _http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.name or "other"
+    started = time.perf_counter()
+    code = 500
+    try:
+        resp = await handler(request)
+        code = resp.status
+        return resp
+    except web.HTTPException as exc:
+        code = exc.status
+        raise
+    finally:
+        metrics.http_requests.labels(route, request.method, str(code)).inc()
+        metrics.http_request_duration.labels(route).observe(time.perf_counter() - started)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS].registry
+    if "application/openmetrics-text" in request.headers.get("Accept", ""):
+        body: bytes = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
+        return web.Response(body=body, headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
+    text = generate_latest(registry)
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(traffic: web.Application) -> web.Response:
+    problems: list[str] = []
+    if traffic[STATE].draining:
+        problems.append("draining")
+    writer = traffic.get(WRITER)
+    redis = traffic.get(REDIS)
+    if writer is None or redis is None:
+        problems.append("starting")
+    else:
+        if writer.pending_bytes > 0.8 * traffic[SETTINGS].writer_max_bytes:
+            problems.append("writer backlog above 80% of writer_max_bytes")
+        try:
+            await asyncio.wait_for(redis.ping(), traffic[SETTINGS].redis_timeout_seconds)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            problems.append(f"redis unreachable: {exc}")
+    if problems:
+        return web.json_response({"status": "unready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
+    """Run the traffic and admin ports until SIGTERM or SIGINT, then shut down in order."""
+    app = create_app(settings, metrics=metrics)
+    admin = create_admin_app(app)
+    grace = settings.drain_seconds + FLUSH_DEADLINE_SECONDS + 5.0
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace, access_log=None)
+    admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
+    await runner.setup()
+    await admin_runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    await web.TCPSite(admin_runner, settings.host, settings.admin_port).start()
+    log.info(
+        "sse-sidecar listening on %s:%d (admin %d), upstream %s",
+        settings.host,
+        settings.port,
+        settings.admin_port,
+        settings.upstream_url,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        app[STATE].draining = True
+        await runner.cleanup()
+        await admin_runner.cleanup()
+        log.info("stopped")

@@ -1,0 +1,74 @@
+-- Append a batch of one run's events and update its meta, atomically and idempotently.
+--
+-- KEYS[1] = stream key, KEYS[2] = meta key (same hash slot: the run id is their hash tag)
+-- ARGV    = producer, claim ("1"/"0"), lease_ms, ttl_ms, maxlen, nmeta,
+--           nmeta pairs of (field, value), then quads of (seq, data, timestamp_ms, complete)
+--
+-- Returns {0, added, trimmed, last_seq} on success, {-1, holder} when another producer holds a
+-- live lease (claim refused), {-2, holder} when another producer took the run over (fenced),
+-- {-3, last_seq} when a batch would leave a gap in the seq numbers.
+--
+-- Idempotence: an event whose seq is not above the stored last_seq was already written by an
+-- earlier attempt whose reply was lost, so it is skipped; stream ids are "<seq>-0".
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local producer = ARGV[1]
+local nmeta = tonumber(ARGV[6])
+local first = 7 + 2 * nmeta
+local cur = redis.call('HMGET', KEYS[2], 'producer', 'status', 'lease_until_ms', 'last_seq')
+local last = tonumber(cur[4] or '0')
+local lost = false
+if cur[1] ~= producer then
+  if ARGV[2] == '1' then
+    if cur[1] and cur[2] == 'running' and tonumber(cur[3] or '0') > now then
+      return {-1, cur[1]}
+    end
+    -- A finished run, or one whose producer's lease expired: this run id starts anew.
+    redis.call('DEL', KEYS[1], KEYS[2])
+    last = 0
+  elseif cur[1] then
+    return {-2, cur[1]}
+  else
+    -- The meta vanished under a running producer (Redis restarted empty, or the TTL passed).
+    if first <= #ARGV then
+      last = tonumber(ARGV[first]) - 1
+      lost = last > 0
+    end
+  end
+end
+local added = 0
+for i = first, #ARGV, 4 do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    if seq ~= last + 1 then
+      return {-3, last}
+    end
+    redis.call('XADD', KEYS[1], seq .. '-0', 'seq_id', ARGV[i], 'data', ARGV[i + 1],
+      'timestamp', ARGV[i + 2], 'complete', ARGV[i + 3])
+    last = seq
+    added = added + 1
+  end
+end
+local fields = {'producer', producer, 'last_seq', last, 'updated_ms', now,
+  'lease_until_ms', now + tonumber(ARGV[3])}
+for i = 7, first - 1, 2 do
+  fields[#fields + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+end
+if lost then
+  fields[#fields + 1] = 'incomplete'
+  fields[#fields + 1] = 'history_lost'
+end
+redis.call('HSET', KEYS[2], unpack(fields))
+local trimmed = 0
+if added > 0 then
+  local maxlen = tonumber(ARGV[5])
+  if redis.call('XLEN', KEYS[1]) > maxlen then
+    trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
+    redis.call('HINCRBY', KEYS[2], 'trimmed_events', trimmed)
+  end
+end
+local ttl = tonumber(ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {0, added, trimmed, last}

@@ -1,0 +1,129 @@
+"""Every knob of the sidecar, its default and its env var, in one place.
+
+Each field is an ``SSE_SIDECAR_<NAME>`` environment variable and a ``--<name>`` flag of
+``sse-sidecar serve`` (the CLI is generated from this class, so the two can never drift).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SSE_SIDECAR_"
+_REDIS_SCHEMES = {"redis", "rediss", "unix"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    upstream_url: str = Field(
+        "http://127.0.0.1:8283",
+        description="Base URL of the LLM service every request is proxied to.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis to tee streams into (redis://, rediss:// or unix://).",
+    )
+    host: str = Field("0.0.0.0", description="Address the traffic and admin ports bind to.")
+    port: int = Field(8080, ge=0, le=65535, description="Traffic port: proxy and replay API.")
+    admin_port: int = Field(
+        8081, ge=0, le=65535, description="Admin port: /metrics, /healthz, /readyz."
+    )
+    key_prefix: str = Field(
+        "sse:run:", min_length=1, description="Prefix of every Redis key the sidecar writes."
+    )
+    dialect: Literal["letta"] = Field(
+        "letta", description="How streams end and payloads look (terminal table, id filling)."
+    )
+    status_without_stop_reason: Literal["failed", "completed"] = Field(
+        "failed",
+        description="Status of a run whose [DONE] came with neither a stop reason nor an error.",
+    )
+    run_id_header: str = Field(
+        "X-Run-Id", min_length=1, description="Header carrying the run id (upstream, then client)."
+    )
+    stream_ttl_seconds: int = Field(
+        10800, gt=0, description="TTL of a run's keys, refreshed on every write."
+    )
+    max_stream_events: int = Field(
+        100000, gt=0, description="Length cap of one run's stream; trimming is counted."
+    )
+    max_event_bytes: int = Field(
+        1 << 20,
+        gt=0,
+        description="Largest upstream event; a larger one ends the run (upstream_error).",
+    )
+    flush_max_events: int = Field(
+        512, gt=0, description="Most events one Redis round trip of the writer carries."
+    )
+    writer_max_bytes: int = Field(
+        64 << 20,
+        gt=0,
+        description="Bound on unwritten event bytes; past it new events are dropped and counted.",
+    )
+    lease_seconds: float = Field(
+        30.0, gt=0, description="Producer lease; another process may take over a run after it."
+    )
+    drain_seconds: float = Field(
+        25.0, ge=0, description="On SIGTERM: time running streams get to finish before forced end."
+    )
+    on_client_disconnect: Literal["continue", "cancel"] = Field(
+        "continue", description="Keep reading the upstream when the client leaves, or cancel it."
+    )
+    heartbeat_seconds: float = Field(
+        15.0, gt=0, description="Interval of ': ping' comments on idle replay streams."
+    )
+    replay_token: SecretStr | None = Field(
+        None, description="Bearer token required by the replay, status and cancel routes."
+    )
+    signing_key: SecretStr | None = Field(
+        None, description="HMAC key for per-run replay tokens (X-Sidecar-Replay-Token)."
+    )
+    log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest log level written."
+    )
+    max_request_bytes: int = Field(
+        10 << 20, gt=0, description="Largest request body proxied; larger ones get 413."
+    )
+    upstream_connect_timeout_seconds: float = Field(
+        10.0, gt=0, description="Deadline to connect to the upstream (502/504 past it)."
+    )
+    upstream_read_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Longest silence between two upstream reads (ends a run as upstream_timeout).",
+    )
+    upstream_max_connections: int = Field(
+        0, ge=0, description="Upper bound of upstream connections (0: no bound)."
+    )
+    redis_timeout_seconds: float = Field(
+        2.0, gt=0, description="Deadline of one Redis command on the request path."
+    )
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in _REDIS_SCHEMES:
+            raise ValueError(
+                f"must start with one of {sorted(s + '://' for s in _REDIS_SCHEMES)}, got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.port and self.port == self.admin_port:
+            raise ValueError("port and admin_port must differ")
+        return self

@@ -1,0 +1,63 @@
+"""The sidecar's exception hierarchy.
+
+Foreign errors (aiohttp, redis-py) are translated into these at the module that talks to the
+foreign library, so callers handle one small tree::
+
+    SidecarError
+    ├── InvalidRunId          a run id that does not match [A-Za-z0-9._:-]{1,128}
+    ├── RunConflict           another producer holds a live lease on the run (HTTP 409)
+    ├── RequestTooLarge       a request body over the configured limit (HTTP 413)
+    ├── SSEError
+    │   └── EventTooLarge     one upstream event exceeded max_event_bytes
+    └── UpstreamError         the upstream could not be reached or failed mid-response
+        └── UpstreamTimeout   ... because a connect or read deadline passed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+
+class InvalidRunId(SidecarError, ValueError):
+    def __init__(self, run_id: str) -> None:
+        shown = run_id if len(run_id) <= 64 else run_id[:64] + "..."
+        super().__init__(f"invalid run id {shown!r}: expected 1-128 of [A-Za-z0-9._:-]")
+        self.run_id = run_id
+
+
+class RunConflict(SidecarError):
+    def __init__(self, run_id: str, producer: str) -> None:
+        super().__init__(f"run {run_id!r} is already being produced by {producer!r}")
+        self.run_id = run_id
+        self.producer = producer
+
+
+class RequestTooLarge(SidecarError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+class SSEError(SidecarError):
+    """The upstream's event stream cannot be decoded."""
+
+
+class EventTooLarge(SSEError):
+    """Raised by the decoder; ``completed`` holds the items finished before the oversized one."""
+
+    def __init__(self, limit: int, completed: list[Any]) -> None:
+        super().__init__(f"an upstream event exceeded max_event_bytes ({limit} bytes)")
+        self.limit = limit
+        self.completed = completed
+
+
+class UpstreamError(SidecarError):
+    """The upstream was unreachable, reset the connection, or sent an undecodable body."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """A connect or read deadline passed while waiting for the upstream."""

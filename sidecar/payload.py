@@ -1,0 +1,49 @@
+"""JSON payloads of SSE events: parsing, and the ``letta`` dialect's id filling. Pure."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+# orjson reads integers beyond 64 bits as floats; a payload with such a number is rewritten with
+# the stdlib instead, so filling ids never changes a value it did not fill.
+_BIG_INT = re.compile(r"\d{19,}")
+
+
+def parse_payload(data: str | None) -> Any | None:
+    """The event's data as JSON, or None when it is not a JSON object or array."""
+    if not data:
+        return None
+    first = data.lstrip()[:1]
+    if first not in ("{", "["):
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def fill_ids(data: str, payload: Any, seq: int, run_id: str) -> str:
+    """Fill a null or missing top-level ``seq_id`` / ``run_id`` (letta dialect).
+
+    Real JSON rewriting: the payload is re-serialised only when something was filled, so events
+    that already carry both ids keep their exact bytes.
+    """
+    if not isinstance(payload, dict):
+        return data
+    fills: dict[str, Any] = {}
+    if payload.get("seq_id") is None:
+        fills["seq_id"] = seq
+    if payload.get("run_id") is None:
+        fills["run_id"] = run_id
+    if not fills:
+        return data
+    payload.update(fills)
+    if _BIG_INT.search(data):
+        exact = json.loads(data)
+        exact.update(fills)
+        return json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(payload).decode()

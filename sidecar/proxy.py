@@ -1,0 +1,497 @@
+"""The reverse proxy, and the tee of ``text/event-stream`` responses.
+
+Every request is forwarded to the upstream unchanged (minus hop-by-hop headers). A successful
+``text/event-stream`` response becomes a run: a ``Tee`` task reads the upstream, relays each
+event to the client as soon as it is complete, numbers it, and hands it to the writer. The tee is
+detached from the client's connection: when the client leaves, the tee keeps reading the upstream
+to the end (or cancels it, per ``on_client_disconnect``), so the stored run is whole either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.config import Settings
+from sidecar.errors import EventTooLarge, InvalidRunId, RequestTooLarge, RunConflict
+from sidecar.keys import RunId, new_run_id, validate_run_id
+from sidecar.payload import fill_ids, parse_payload
+from sidecar.runs import RunRegistry, new_producer_id
+from sidecar.sse import Comment, Event, SSEDecoder, encode_comment, encode_event
+from sidecar.telemetry import Metrics
+from sidecar.terminal import EndCause, Outcome, Status, Tracker, is_done
+from sidecar.writer import RunStream, Writer
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 section 7.6.1, plus the pre-standard ones proxies still see.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+RUN_ID_RESPONSE_HEADER = "X-Sidecar-Run-Id"
+_BODYLESS_STATUS = frozenset({204, 304})
+
+
+def json_error(status: int, type_: str, message: str, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"error": {"type": type_, "message": message, **extra}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """Headers minus hop-by-hop ones, including any the Connection header names."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower not in HOP_BY_HOP and lower not in named:
+            out.add(key, value)
+    return out
+
+
+def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+    ctype = resp.headers.get("Content-Type", "")
+    return 200 <= resp.status < 300 and ctype.split(";", 1)[0].strip().lower() == (
+        "text/event-stream"
+    )
+
+
+def _decompressor(encoding: str) -> Any | None:
+    """A zlib decoder for the encodings the tee can read; None means "leave the stream alone"."""
+    if encoding == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    return None
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        writer: Writer,
+        runs: RunRegistry,
+        metrics: Metrics,
+    ) -> None:
+        self._s = settings
+        self._session = session
+        self._writer = writer
+        self._runs = runs
+        self._m = metrics
+        self._base = URL(settings.upstream_url)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.upstream_connect_timeout_seconds,
+            sock_read=settings.upstream_read_timeout_seconds,
+        )
+        self._run_header = settings.run_id_header
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        client_run_id: RunId | None = None
+        if (raw_id := request.headers.get(self._run_header)) is not None:
+            try:
+                client_run_id = validate_run_id(raw_id)
+            except InvalidRunId as exc:
+                return json_error(400, "invalid_run_id", str(exc))
+            if client_run_id in self._runs:
+                return json_error(
+                    409, "run_conflict", f"run {client_run_id!r} is already being produced"
+                )
+        length = request.content_length
+        if length is not None and length > self._s.max_request_bytes:
+            return json_error(
+                413, "request_too_large", str(RequestTooLarge(self._s.max_request_bytes))
+            )
+        started = time.perf_counter()
+        try:
+            upstream = await self._session.request(
+                request.method,
+                self._upstream_url(request),
+                headers=self._request_headers(request),
+                data=self._body(request) if request.body_exists else None,
+                allow_redirects=False,
+                timeout=self._timeout,
+                auto_decompress=False,
+            )
+        except RequestTooLarge as exc:
+            return json_error(413, "request_too_large", str(exc))
+        except TimeoutError:
+            return json_error(504, "upstream_timeout", "the upstream did not answer in time")
+        except aiohttp.ClientError as exc:
+            log.warning("upstream request failed: %s", exc)
+            return json_error(502, "upstream_unreachable", f"cannot reach the upstream: {exc}")
+        try:
+            if is_event_stream(upstream) and request.method != "HEAD":
+                decoder = _decompressor(upstream.headers.get("Content-Encoding", "identity"))
+                encoded = upstream.headers.get("Content-Encoding", "identity") != "identity"
+                if not encoded or decoder is not None:
+                    return await self._tee(request, upstream, client_run_id, decoder, started)
+                log.warning(
+                    "not teeing a %s-encoded event stream; relaying it untouched",
+                    upstream.headers["Content-Encoding"],
+                )
+            return await self._passthrough(request, upstream)
+        finally:
+            upstream.release()
+
+    def _upstream_url(self, request: web.Request) -> URL:
+        # raw_path keeps the client's exact percent-encoding and query string.
+        return URL(str(self._base) + request.raw_path, encoded=True)
+
+    def _request_headers(self, request: web.Request) -> CIMultiDict[str]:
+        headers = end_to_end(request.headers)
+        headers.popall("Host", None)
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers.setdefault("X-Forwarded-Proto", request.scheme)
+        headers.setdefault("X-Forwarded-Host", request.host)
+        return headers
+
+    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
+        limit = self._s.max_request_bytes
+        seen = 0
+        async for chunk in request.content.iter_any():
+            seen += len(chunk)
+            if seen > limit:
+                raise RequestTooLarge(limit)
+            yield chunk
+
+    async def _passthrough(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        headers = end_to_end(upstream.headers)
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if "Content-Length" not in headers and upstream.status not in _BODYLESS_STATUS:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status line is gone already; cutting the connection is the only honest signal.
+            log.warning("upstream failed mid-body, aborting the client response: %s", exc)
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def _tee(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        client_run_id: RunId | None,
+        decompressor: Any | None,
+        started: float,
+    ) -> web.StreamResponse:
+        run_id = self._pick_run_id(upstream, client_run_id)
+        if run_id in self._runs:
+            return json_error(409, "run_conflict", f"run {run_id!r} is already being produced")
+        now_ms = str(int(time.time() * 1000))
+        try:
+            stream = await self._writer.open(
+                run_id,
+                new_producer_id(),
+                {"status": Status.RUNNING.value, "created_ms": now_ms, "route": "proxy"},
+            )
+        except RunConflict as exc:
+            return json_error(409, "run_conflict", str(exc), producer=exc.producer)
+        headers = end_to_end(upstream.headers)
+        for name in ("Content-Length", "Content-Encoding", RUN_ID_RESPONSE_HEADER):
+            headers.popall(name, None)
+        headers[RUN_ID_RESPONSE_HEADER] = run_id
+        headers.setdefault("Cache-Control", "no-cache")
+        headers["X-Accel-Buffering"] = "no"
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        tee = Tee(
+            run_id=run_id,
+            stream=stream,
+            settings=self._s,
+            writer=self._writer,
+            metrics=self._m,
+            upstream=upstream,
+            decompressor=decompressor,
+            started=started,
+        )
+        self._runs.add(tee)
+        self._m.runs_started.labels("proxy").inc()
+        self._m.runs_active.inc()
+        try:
+            await resp.prepare(request)
+        except (ConnectionError, RuntimeError):
+            tee.client_gone()
+        else:
+            tee.attach(resp)
+        task = asyncio.create_task(tee.run(), name=f"tee:{run_id}")
+        tee.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._runs.remove(tee))
+        # Shielded: if aiohttp cancels this handler because the client left, the tee goes on.
+        await asyncio.shield(task)
+        if tee.client_attached:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await resp.write_eof()
+        return resp
+
+    def _pick_run_id(self, upstream: aiohttp.ClientResponse, client_run_id: RunId | None) -> RunId:
+        raw = upstream.headers.get(self._run_header)
+        if raw is not None:
+            try:
+                return validate_run_id(raw)
+            except InvalidRunId as exc:
+                log.warning("ignoring the upstream's run id: %s", exc)
+        return client_run_id if client_run_id is not None else new_run_id()
+
+
+class Tee:
+    """One run: upstream bytes in; client bytes, stored events and the terminal out."""
+
+    def __init__(
+        self,
+        *,
+        run_id: RunId,
+        stream: RunStream,
+        settings: Settings,
+        writer: Writer,
+        metrics: Metrics,
+        upstream: aiohttp.ClientResponse,
+        decompressor: Any | None,
+        started: float,
+    ) -> None:
+        self._run_id = run_id
+        self._stream = stream
+        self._writer = writer
+        self._m = metrics
+        self._upstream = upstream
+        self._decompressor = decompressor
+        self._started = started
+        self._cancel_on_disconnect = settings.on_client_disconnect == "cancel"
+        self._decoder = SSEDecoder(settings.max_event_bytes)
+        self._tracker = Tracker(default_status=Status(settings.status_without_stop_reason))
+        self._fill = settings.dialect == "letta"
+        self._resp: web.StreamResponse | None = None
+        self._seq = 0
+        self._first_event_at: float | None = None
+        self._cancel_cause: EndCause | None = None
+        self._client_left = False
+        self._out: list[bytes] = []
+        self.task: asyncio.Task[None] | None = None
+        self.outcome: Outcome | None = None
+
+    @property
+    def run_id(self) -> RunId:
+        return self._run_id
+
+    @property
+    def stream(self) -> RunStream:
+        return self._stream
+
+    @property
+    def client_attached(self) -> bool:
+        return self._resp is not None
+
+    def attach(self, resp: web.StreamResponse) -> None:
+        self._resp = resp
+
+    def client_gone(self) -> None:
+        if self._client_left:
+            return
+        self._client_left = True
+        self._resp = None
+        self._m.client_disconnects.inc()
+        log.info("client left mid-stream", extra={"run_id": self._run_id})
+        if self._cancel_on_disconnect:
+            self.cancel(EndCause.CANCELLED)
+
+    def cancel(self, cause: EndCause) -> None:
+        """End the run early with ``cause``'s terminal (cancel API, shutdown, client policy)."""
+        if self._cancel_cause is not None or (self.task is not None and self.task.done()):
+            return
+        self._cancel_cause = cause
+        if self.task is not None:
+            self.task.cancel()
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+
+    async def run(self) -> None:
+        cause: EndCause | None = self._cancel_cause
+        detail: str | None = None
+        try:
+            if cause is None:
+                cause, detail = await self._pump()
+        except asyncio.CancelledError:
+            if self._cancel_cause is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            cause = self._cancel_cause
+        finally:
+            self._upstream.close()
+        await self._finish(cause, detail)
+
+    async def _pump(self) -> tuple[EndCause | None, str | None]:
+        """Read the upstream until [DONE] (cause None) or until it ends some other way."""
+        try:
+            async for chunk in self._upstream.content.iter_any():
+                if self._decompressor is not None:
+                    chunk = self._decompressor.decompress(chunk)
+                try:
+                    items = self._decoder.feed(chunk)
+                except EventTooLarge as exc:
+                    self._relay(exc.completed)
+                    await self._flush_client()
+                    return EndCause.UPSTREAM_ERROR, str(exc)
+                done = self._relay(items)
+                await self._flush_client()
+                if done:
+                    return None, None
+        except TimeoutError:
+            return EndCause.UPSTREAM_TIMEOUT, "no data from the upstream within the read timeout"
+        except (aiohttp.ClientError, OSError, zlib.error) as exc:
+            return EndCause.UPSTREAM_ERROR, f"{type(exc).__name__}: {exc}"
+        return EndCause.EOF, None
+
+    def _relay(self, items: list[Comment | Event]) -> bool:
+        """Number, store and queue for the client each item; True once [DONE] went through."""
+        for item in items:
+            if isinstance(item, Comment):
+                self._out.append(encode_comment(item.text))
+                continue
+            if item.data is None:
+                # Not an event for listeners (e.g. retry only): relayed, never stored or numbered.
+                self._out.append(encode_event(None, event=item.event, retry=item.retry))
+                continue
+            if self._first_event_at is None:
+                self._first_event_at = time.perf_counter()
+                self._m.upstream_first_event.observe(self._first_event_at - self._started)
+            payload = parse_payload(item.data)
+            meta: dict[str, str] | None = None
+            for transition in self._tracker.observe(item, payload):
+                self._m.stream_transitions.labels(transition.value).inc()
+                meta = meta or {}
+                if transition == "saw_stop_reason" and self._tracker.stop_reason is not None:
+                    meta["stop_reason"] = self._tracker.stop_reason
+                elif transition == "saw_error":
+                    meta["error"] = orjson.dumps(self._tracker.error).decode()
+            if is_done(item):
+                final = self._tracker.finish()
+                self._emit(item.data, item.event, item.retry, payload, meta=meta, final=final)
+                return True
+            self._emit(item.data, item.event, item.retry, payload, meta=meta)
+        return False
+
+    def _emit(
+        self,
+        data: str,
+        event: str | None,
+        retry: int | None,
+        payload: Any,
+        *,
+        meta: dict[str, str] | None = None,
+        final: Outcome | None = None,
+    ) -> None:
+        """Number, store and queue one event; ``final`` marks the run's last event ([DONE])."""
+        self._seq += 1
+        seq = self._seq
+        if self._fill and payload is not None:
+            data = fill_ids(data, payload, seq, self._run_id)
+        raw = encode_event(data, event=event, id=seq, retry=retry)
+        if final is not None:
+            meta = {**(meta or {}), **self._final_meta(final)}
+        self._writer.append(self._stream, seq, raw, complete=final is not None, meta=meta)
+        self._m.stream_events.inc()
+        self._m.stream_bytes.inc(len(raw))
+        self._out.append(raw)
+
+    @staticmethod
+    def _final_meta(outcome: Outcome) -> dict[str, str]:
+        meta = {
+            "status": outcome.status.value,
+            "finished_ms": str(int(time.time() * 1000)),
+            "forced_done": outcome.forced_done.value if outcome.forced_done else "",
+            "stop_reason": outcome.stop_reason or "",
+        }
+        if outcome.error is not None:
+            meta["error"] = orjson.dumps(outcome.error).decode()
+        return meta
+
+    async def _flush_client(self) -> None:
+        if not self._out:
+            return
+        out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        if self._resp is None:
+            return
+        try:
+            await self._resp.write(out)
+        except (ConnectionError, RuntimeError):
+            self.client_gone()
+
+    async def _finish(self, cause: EndCause | None, detail: str | None) -> None:
+        # When the upstream's [DONE] came, the outcome exists already and synthesizes nothing.
+        outcome = self._tracker.finish(cause or EndCause.EOF, detail)
+        self.outcome = outcome
+        last = len(outcome.synthesized) - 1
+        for i, synth in enumerate(outcome.synthesized):
+            self._emit(
+                synth.data,
+                synth.event,
+                None,
+                parse_payload(synth.data),
+                final=outcome if i == last else None,
+            )
+        await self._flush_client()
+        self._writer.release(self._stream)
+        self._m.runs_active.dec()
+        self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label).inc()
+        self._m.run_duration.labels(outcome.status.value).observe(
+            time.perf_counter() - self._started
+        )
+        if outcome.forced_done is None:
+            log.debug("run finished: %s", outcome.status.value, extra={"run_id": self._run_id})
+            return
+        self._m.forced_done.labels(outcome.forced_done.value).inc()
+        log.warning(
+            "run ended without the upstream's [DONE]: forced %s",
+            outcome.forced_done.value,
+            extra={
+                "run_id": self._run_id,
+                "reason": outcome.forced_done.value,
+                "saw_error": outcome.saw_error,
+                "saw_done": outcome.saw_done,
+                "detail": detail,
+            },
+        )

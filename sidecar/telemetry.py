@@ -1,0 +1,193 @@
+"""Metrics on an injected registry, and JSON logs.
+
+``Metrics(registry)`` builds every metric of DESIGN.md on the registry it is given (never the
+global one), so tests and embedders get isolated metrics and read them with ``get_sample_value``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from sidecar import __version__
+
+PREFIX = "sse_sidecar_"
+
+# Flushes are one Redis round trip: sub-millisecond on loopback, tens of ms when Redis struggles.
+_FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# First token of an LLM: from tens of ms (cached) to a minute (long tool chains).
+_FIRST_EVENT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Whole runs: a second to hours.
+_RUN_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0)
+# Replay lag: 10 ms is the live-tail SLO threshold, so it is a bucket boundary.
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Every ``sse_sidecar_*`` metric, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+        self.runs_started = Counter(
+            p + "runs_started_total",
+            "Runs whose SSE response the sidecar started teeing.",
+            ["route"],
+            registry=r,
+        )
+        self.runs_active = Gauge(p + "runs_active", "Runs being teed right now.", registry=r)
+        self.runs_finished = Counter(
+            p + "runs_finished_total",
+            "Runs that ended, by final status and stop reason.",
+            ["status", "stop_reason"],
+            registry=r,
+        )
+        self.stream_transitions = Counter(
+            p + "stream_transitions_total",
+            "Terminal signals seen in upstream streams (saw_stop_reason, saw_error, saw_done, "
+            "saw_done_after_error).",
+            ["transition"],
+            registry=r,
+        )
+        self.forced_done = Counter(
+            p + "forced_done_total",
+            "Runs the sidecar had to end itself because the upstream's [DONE] never came.",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_events = Counter(
+            p + "stream_events_total", "Events teed (upstream and synthesized).", registry=r
+        )
+        self.stream_bytes = Counter(
+            p + "stream_bytes_total", "Bytes of events teed, as sent to the client.", registry=r
+        )
+        self.upstream_first_event = Histogram(
+            p + "upstream_first_event_seconds",
+            "Time from sending the request upstream to the first event of its stream.",
+            buckets=_FIRST_EVENT_BUCKETS,
+            registry=r,
+        )
+        self.run_duration = Histogram(
+            p + "run_duration_seconds",
+            "Duration of a run, from its first byte to its terminal.",
+            ["status"],
+            buckets=_RUN_BUCKETS,
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            p + "client_disconnects_total",
+            "Clients that left while their run was streaming.",
+            registry=r,
+        )
+        self.flushes = Counter(
+            p + "flushes_total",
+            "Writer round trips to Redis, by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.flush_duration = Histogram(
+            p + "flush_duration_seconds",
+            "Duration of one writer round trip.",
+            buckets=_FLUSH_BUCKETS,
+            registry=r,
+        )
+        self.flush_batch_events = Histogram(
+            p + "flush_batch_events",
+            "Events carried by one writer round trip.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.writer_pending_events = Gauge(
+            p + "writer_pending_events", "Events accepted but not yet written.", registry=r
+        )
+        self.writer_pending_bytes = Gauge(
+            p + "writer_pending_bytes", "Bytes of events accepted but not yet written.", registry=r
+        )
+        self.writer_dropped_events = Counter(
+            p + "writer_dropped_events_total",
+            "Events that will never be stored, by reason (overflow, conflict, fenced, "
+            "redis_rejected, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_trimmed_events = Counter(
+            p + "stream_trimmed_events_total",
+            "Stored events removed by the max_stream_events length cap.",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            p + "redis_errors_total",
+            "Failed Redis operations, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.replay_requests = Counter(
+            p + "replay_requests_total", "Replay requests, by outcome.", ["outcome"], registry=r
+        )
+        self.replay_active = Gauge(p + "replay_active", "Replay readers connected.", registry=r)
+        self.replay_events = Counter(
+            p + "replay_events_total", "Events sent to replay readers.", registry=r
+        )
+        self.replay_delivery_lag = Histogram(
+            p + "replay_delivery_lag_seconds",
+            "Time from an event reaching the sidecar to its delivery to a live replay reader.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.http_requests = Counter(
+            p + "http_requests_total",
+            "HTTP requests on the traffic port.",
+            ["route", "method", "code"],
+            registry=r,
+        )
+        self.http_request_duration = Histogram(
+            p + "http_request_duration_seconds",
+            "Duration of HTTP requests on the traffic port, to the last byte.",
+            ["route"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.build_info = Info(p + "build", "Version of the running sidecar.", registry=r)
+        self.build_info.info({"version": __version__})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra`` fields such as run_id are carried through."""
+
+    _STANDARD = frozenset(
+        logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
+    )
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log duplicates http_requests_total; keep it quiet unless debugging.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,418 @@
+"""The group-commit writer: every run's events reach Redis in order, once, in few round trips.
+
+One task per process owns the Redis writes. An idle writer sends a run's first event at once;
+while a round trip is in flight, new events of all runs gather and go in the next one (at most
+``flush_max_events`` per trip). So latency stays low at low load and batches grow with load, with
+no fixed timer. Each run's batch is one call of ``append.lua``: events and meta land atomically,
+and a batch retried after a lost reply is deduplicated by seq, so retries never duplicate.
+
+Failures: connection errors are retried with capped exponential backoff for as long as it takes
+(events stay buffered, in order); the buffered bytes are bounded by ``max_bytes``, past which new
+events of the run that hit the bound are dropped, counted, and the run is marked incomplete in its
+meta so that readers get an explicit error instead of a silent hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from sidecar.errors import RunConflict
+from sidecar.keys import Keys, RunId
+from sidecar.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+APPEND_SCRIPT = resources.files("sidecar").joinpath("append.lua").read_text()
+APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
+# Replies that mean the run can never be written again (another producer owns it, or its seq
+# numbers are broken); later meta updates of such a run are ignored too.
+_FATAL = {-1: "conflict", -2: "fenced", -3: "gap"}
+
+# Per-run script failures that are not connection errors (e.g. OOM) are retried this many times
+# before the run's buffered events are dropped, so one poisoned key cannot block the rest forever.
+MAX_SCRIPT_FAILURES = 8
+BACKOFF_START = 0.05
+BACKOFF_MAX = 2.0
+
+
+@dataclass(slots=True, frozen=True)
+class Pending:
+    seq: int
+    data: bytes
+    timestamp_ms: int
+    complete: bool
+
+
+@dataclass(eq=False, slots=True)
+class RunStream:
+    """The writer's view of one run. Created by ``Writer.open``; ``release`` when it ended."""
+
+    run_id: RunId
+    producer: str
+    stream_key: str
+    meta_key: str
+    claimed: bool = False
+    events: deque[Pending] = field(default_factory=deque)
+    meta: dict[str, str] = field(default_factory=dict)
+    pending_bytes: int = 0
+    dropped: str | None = None  # why this run's events are no longer stored, once they are not
+    fenced: bool = False  # nothing of this run can be written any more, meta included
+    released: bool = False
+    failures: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Writer:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        metrics: Metrics,
+        *,
+        flush_max_events: int = 512,
+        max_bytes: int = 64 << 20,
+        ttl_seconds: int = 10800,
+        max_stream_events: int = 100000,
+        lease_seconds: float = 30.0,
+        command_timeout: float = 2.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._m = metrics
+        self._max_events = flush_max_events
+        self._max_bytes = max_bytes
+        self._ttl_ms = str(ttl_seconds * 1000)
+        self._maxlen = str(max_stream_events)
+        self._lease_ms = str(int(lease_seconds * 1000))
+        self._timeout = command_timeout
+        self._dirty: OrderedDict[RunStream, None] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pending_events = 0
+        self._pending_bytes = 0
+        self._task: asyncio.Task[None] | None = None
+        self._backoff = BACKOFF_START
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="sse-writer")
+
+    async def close(self, timeout: float) -> bool:
+        """Flush what is buffered within ``timeout`` seconds, then stop; True if all was written."""
+        flushed = await self.flush(timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if not flushed:
+            lost = self._pending_events
+            log.error("writer stopped with %d events unwritten", lost, extra={"lost_events": lost})
+            self._m.writer_dropped_events.labels("shutdown").inc(lost)
+            for run in list(self._dirty):
+                self._discard(run, "shutdown", count=False)
+        return flushed
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until everything accepted so far is written; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    # -- producer API ------------------------------------------------------------------------
+
+    async def open(self, run_id: RunId, producer: str, meta: Mapping[str, str]) -> RunStream:
+        """Claim ``run_id`` for ``producer`` and write its initial meta in one round trip.
+
+        Raises ``RunConflict`` when another producer holds a live lease on the run. When Redis
+        cannot be reached the run is still opened: the claim travels with its first write, so a
+        Redis outage never blocks the live stream.
+        """
+        run = RunStream(run_id, producer, self._keys.stream(run_id), self._keys.meta(run_id))
+        try:
+            reply = await asyncio.wait_for(
+                self._call_script(run, claim=True, meta=meta, events=()), self._timeout
+            )
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            self._m.redis_errors.labels("claim").inc()
+            log.warning(
+                "cannot claim run in Redis, continuing and retrying in the writer: %s",
+                exc,
+                extra={"run_id": run_id},
+            )
+            run.meta.update(meta)
+            self._mark_dirty(run)
+            return run
+        code = int(reply[0])
+        if code == -1:
+            raise RunConflict(run_id, _text(reply[1]))
+        if code != 0:
+            raise RuntimeError(f"unexpected claim reply {reply!r}")
+        run.claimed = True
+        return run
+
+    def append(
+        self,
+        run: RunStream,
+        seq: int,
+        data: bytes,
+        *,
+        complete: bool = False,
+        meta: Mapping[str, str] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> bool:
+        """Queue one event (and meta fields to set with it); False if it will not be stored."""
+        if run.fenced:
+            self._m.writer_dropped_events.labels(run.dropped or "fenced").inc()
+            return False
+        if meta:
+            run.meta.update(meta)
+        stored = False
+        if run.dropped is None and self._pending_bytes + len(data) > self._max_bytes:
+            self._start_dropping(run, "overflow", seq)
+        if run.dropped is None:
+            ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+            run.events.append(Pending(seq, data, ts, complete))
+            run.pending_bytes += len(data)
+            self._pending_events += 1
+            self._pending_bytes += len(data)
+            self._m.writer_pending_events.set(self._pending_events)
+            self._m.writer_pending_bytes.set(self._pending_bytes)
+            stored = True
+        else:
+            self._m.writer_dropped_events.labels(run.dropped).inc()
+        if stored or meta:
+            self._mark_dirty(run)
+        return stored
+
+    def update_meta(self, run: RunStream, meta: Mapping[str, str]) -> None:
+        """Set meta fields; an empty mapping just renews the producer's lease and the TTL."""
+        if run.fenced:
+            return
+        run.meta.update(meta)
+        self._mark_dirty(run)
+
+    def release(self, run: RunStream) -> None:
+        """The run ended: forget it once its last events are written."""
+        run.released = True
+        if run not in self._dirty:
+            run.drained.set()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _start_dropping(self, run: RunStream, reason: str, seq: int) -> None:
+        run.dropped = reason
+        run.meta["incomplete"] = reason
+        run.meta["dropped_from_seq"] = str(seq)
+        log.error(
+            "run %s: dropping events from seq %d on (%s); replay will report the gap",
+            run.run_id,
+            seq,
+            reason,
+            extra={"run_id": run.run_id, "reason": reason},
+        )
+
+    def _mark_dirty(self, run: RunStream) -> None:
+        if run not in self._dirty:
+            self._dirty[run] = None
+            run.drained.clear()
+        self._idle.clear()
+        self._wake.set()
+
+    def _discard(self, run: RunStream, reason: str, *, count: bool = True) -> None:
+        """Give up on a run's buffered events (they can never be written)."""
+        n = len(run.events)
+        if count and n:
+            self._m.writer_dropped_events.labels(reason).inc(n)
+        self._pending_events -= n
+        self._pending_bytes -= run.pending_bytes
+        run.events.clear()
+        run.pending_bytes = 0
+        run.meta.clear()
+        run.dropped = run.dropped or reason
+        self._dirty.pop(run, None)
+        run.drained.set()
+        self._after_change()
+
+    def _after_change(self) -> None:
+        self._m.writer_pending_events.set(self._pending_events)
+        self._m.writer_pending_bytes.set(self._pending_bytes)
+        if not self._dirty:
+            self._idle.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                if await self._round():
+                    self._backoff = BACKOFF_START
+                else:
+                    # Jittered so that many sidecars do not hammer a recovering Redis in step.
+                    await asyncio.sleep(self._backoff * (0.5 + random.random() / 2))
+                    self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+
+    async def _round(self) -> bool:
+        """One round trip for as many runs as fit; True unless something has to be retried."""
+        batch: list[tuple[RunStream, int, dict[str, str]]] = []
+        budget = self._max_events
+        for run in self._dirty:
+            # A run with no events and no meta is a lease renewal: the script refreshes the lease.
+            n = min(len(run.events), budget)
+            batch.append((run, n, dict(run.meta)))
+            budget -= n
+            if budget <= 0:
+                break
+        n_events = sum(n for _, n, _ in batch)
+        started = time.perf_counter()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for run, n, meta in batch:
+                    self._queue_script(pipe, run, meta, [run.events[i] for i in range(n)])
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except (redis_errors.RedisError, OSError) as exc:
+            self._m.flushes.labels("error").inc()
+            self._m.redis_errors.labels("flush").inc()
+            log.warning("writer round trip failed, will retry: %s", exc)
+            return False
+        self._m.flush_duration.observe(time.perf_counter() - started)
+        self._m.flush_batch_events.observe(n_events)
+        ok = True
+        reload_script = False
+        for (run, n, meta), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, redis_errors.NoScriptError):
+                reload_script = True
+            elif isinstance(reply, Exception):
+                ok = False
+                self._script_failed(run, reply)
+            else:
+                self._settle(run, n, meta, reply)
+        self._m.flushes.labels("ok" if ok and not reload_script else "error").inc()
+        self._after_change()
+        if reload_script:
+            # Redis restarted (or SCRIPT FLUSH): load the script, then retry at once.
+            try:
+                await self._redis.script_load(APPEND_SCRIPT)
+            except (redis_errors.RedisError, OSError):
+                return False
+        return ok
+
+    def _settle(self, run: RunStream, n: int, meta: dict[str, str], reply: Any) -> None:
+        code = int(reply[0])
+        if code == 0:
+            run.claimed = True
+            run.failures = 0
+            for _ in range(n):
+                ev = run.events.popleft()
+                run.pending_bytes -= len(ev.data)
+                self._pending_bytes -= len(ev.data)
+            self._pending_events -= n
+            trimmed = int(reply[2])
+            if trimmed:
+                self._m.stream_trimmed_events.inc(trimmed)
+            for key, value in meta.items():
+                if run.meta.get(key) == value:
+                    del run.meta[key]
+            if not run.events and not run.meta:
+                self._dirty.pop(run, None)
+                run.drained.set()
+            return
+        holder = _text(reply[1])
+        reason = _FATAL.get(code, "redis_rejected")
+        log.error(
+            "run %s: Redis refused the write (%s, holder/last %s); its events are dropped",
+            run.run_id,
+            reason,
+            holder,
+            extra={"run_id": run.run_id, "reason": reason},
+        )
+        run.fenced = True
+        self._discard(run, reason)
+
+    def _script_failed(self, run: RunStream, exc: Exception) -> None:
+        run.failures += 1
+        self._m.redis_errors.labels("append").inc()
+        log.warning(
+            "run %s: append failed (%d/%d): %s",
+            run.run_id,
+            run.failures,
+            MAX_SCRIPT_FAILURES,
+            exc,
+            extra={"run_id": run.run_id},
+        )
+        if run.failures >= MAX_SCRIPT_FAILURES:
+            self._discard(run, "redis_rejected")
+
+    def _args(
+        self, run: RunStream, claim: bool, meta: Mapping[str, str], events: Sequence[Pending]
+    ) -> list[Any]:
+        args: list[Any] = [
+            run.producer,
+            "1" if claim else "0",
+            self._lease_ms,
+            self._ttl_ms,
+            self._maxlen,
+            len(meta),
+        ]
+        for key, value in meta.items():
+            args.append(key)
+            args.append(value)
+        for ev in events:
+            args.append(ev.seq)
+            args.append(ev.data)
+            args.append(ev.timestamp_ms)
+            args.append("true" if ev.complete else "false")
+        return args
+
+    def _queue_script(
+        self, pipe: Any, run: RunStream, meta: Mapping[str, str], events: Sequence[Pending]
+    ) -> None:
+        args = self._args(run, not run.claimed, meta, events)
+        pipe.execute_command("EVALSHA", APPEND_SHA, 2, run.stream_key, run.meta_key, *args)
+
+    async def _call_script(
+        self, run: RunStream, *, claim: bool, meta: Mapping[str, str], events: Sequence[Pending]
+    ) -> Any:
+        cmd = (
+            "EVALSHA",
+            APPEND_SHA,
+            2,
+            run.stream_key,
+            run.meta_key,
+            *self._args(run, claim, meta, events),
+        )
+        try:
+            return await self._redis.execute_command(*cmd)  # type: ignore[no-untyped-call]
+        except redis_errors.NoScriptError:
+            await self._redis.script_load(APPEND_SCRIPT)
+        return await self._redis.execute_command(*cmd)  # type: ignore[no-untyped-call]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
