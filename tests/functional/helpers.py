@@ -63,20 +63,24 @@ async def stored(
     client: redis.asyncio.Redis, run_id: RunId, prefix: str = "sse:run:"
 ) -> list[dict[str, str]]:
     """The run's stream entries as dicts (id, seq_id, data, timestamp, complete)."""
-    entries = await client.xrange(Keys(prefix).stream(run_id))
+    entries: Any = await client.xrange(Keys(prefix).stream(run_id))
     out = []
     for entry_id, fields in entries:
-        row = {k.decode(): v.decode() for k, v in fields.items()}
-        row["id"] = entry_id.decode()
+        row = {_s(k): _s(v) for k, v in fields.items()}
+        row["id"] = _s(entry_id)
         out.append(row)
     return out
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def meta(
     client: redis.asyncio.Redis, run_id: RunId, prefix: str = "sse:run:"
 ) -> dict[str, str]:
-    raw = await client.hgetall(Keys(prefix).meta(run_id))
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    raw: dict[Any, Any] = await client.hgetall(Keys(prefix).meta(run_id))
+    return {_s(k): _s(v) for k, v in raw.items()}
 
 
 def payloads(events: list[Event]) -> list[Any]:
