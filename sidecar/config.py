@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SSE_SIDECAR_"
@@ -72,15 +72,6 @@ class Settings(BaseSettings):
     )
     on_client_disconnect: Literal["continue", "cancel"] = Field(
         "continue", description="Keep reading the upstream when the client leaves, or cancel it."
-    )
-    heartbeat_seconds: float = Field(
-        15.0, gt=0, description="Interval of ': ping' comments on idle replay streams."
-    )
-    replay_token: SecretStr | None = Field(
-        None, description="Bearer token required by the replay, status and cancel routes."
-    )
-    signing_key: SecretStr | None = Field(
-        None, description="HMAC key for per-run replay tokens (X-Sidecar-Replay-Token)."
     )
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

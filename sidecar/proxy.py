@@ -359,7 +359,12 @@ class Tee:
                 task.uncancel()
             cause = self._cancel_cause
         finally:
-            self._upstream.close()
+            # A fully read response gives its connection back to the pool; one we stop reading
+            # early (after [DONE], or on cancel) must be closed, which also tells the upstream.
+            if self._upstream.content.at_eof():
+                self._upstream.release()
+            else:
+                self._upstream.close()
         await self._finish(cause, detail)
 
     async def _pump(self) -> tuple[EndCause | None, str | None]:
