@@ -51,6 +51,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 RUN_ID_RESPONSE_HEADER = "X-Sidecar-Run-Id"
+# After [DONE] the upstream normally ends its response at once; what it sends past [DONE] is
+# read and dropped, within these bounds, before the connection is given back.
+UPSTREAM_SETTLE_SECONDS = 1.0
+UPSTREAM_SETTLE_BYTES = 64 << 10
 _BODYLESS_STATUS = frozenset({204, 304})
 
 
@@ -258,9 +262,6 @@ class Proxy:
         task.add_done_callback(lambda _: self._runs.remove(tee))
         # Shielded: if aiohttp cancels this handler because the client left, the tee goes on.
         await asyncio.shield(task)
-        if tee.client_attached:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await resp.write_eof()
         return resp
 
     def _pick_run_id(self, upstream: aiohttp.ClientResponse, client_run_id: RunId | None) -> RunId:
@@ -316,10 +317,6 @@ class Tee:
     def stream(self) -> RunStream:
         return self._stream
 
-    @property
-    def client_attached(self) -> bool:
-        return self._resp is not None
-
     def attach(self, resp: web.StreamResponse) -> None:
         self._resp = resp
 
@@ -353,41 +350,71 @@ class Tee:
                 cause, detail = await self._pump()
         except asyncio.CancelledError:
             if self._cancel_cause is None:
+                self._upstream.close()
                 raise
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             cause = self._cancel_cause
-        finally:
-            # A fully read response gives its connection back to the pool; one we stop reading
-            # early (after [DONE], or on cancel) must be closed, which also tells the upstream.
-            if self._upstream.content.at_eof():
-                self._upstream.release()
-            else:
-                self._upstream.close()
+        if cause is not None:
+            # Cancelled or failed: closing the connection is what tells the upstream to stop.
+            self._upstream.close()
         await self._finish(cause, detail)
+        if self._resp is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._resp.write_eof()
+        if cause is None:
+            await self._settle_upstream()
+
+    async def _settle_upstream(self) -> None:
+        """After [DONE]: let the upstream end its response, so it sees a clean finish (not a
+        reset on its last write) and the connection goes back to the pool."""
+        try:
+            async with asyncio.timeout(UPSTREAM_SETTLE_SECONDS):
+                discarded = 0
+                while discarded <= UPSTREAM_SETTLE_BYTES and (
+                    chunk := await self._upstream.content.readany()
+                ):
+                    discarded += len(chunk)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        if self._upstream.content.at_eof():
+            self._upstream.release()
+        else:
+            self._upstream.close()
 
     async def _pump(self) -> tuple[EndCause | None, str | None]:
         """Read the upstream until [DONE] (cause None) or until it ends some other way."""
+        content = self._upstream.content
         try:
-            async for chunk in self._upstream.content.iter_any():
-                if self._decompressor is not None:
-                    chunk = self._decompressor.decompress(chunk)
-                try:
-                    items = self._decoder.feed(chunk)
-                except EventTooLarge as exc:
-                    self._relay(exc.completed)
-                    await self._flush_client()
-                    return EndCause.UPSTREAM_ERROR, str(exc)
-                done = self._relay(items)
-                await self._flush_client()
-                if done:
-                    return None, None
+            async for chunk in content.iter_any():
+                if (end := await self._take(chunk)) is not None:
+                    return end
         except TimeoutError:
             return EndCause.UPSTREAM_TIMEOUT, "no data from the upstream within the read timeout"
         except (aiohttp.ClientError, OSError, zlib.error) as exc:
+            # aiohttp raises a broken connection's error before it hands out the bytes that
+            # arrived ahead of it; those are events the upstream did send, so keep them.
+            if leftover := _take_buffered(content):
+                with contextlib.suppress(zlib.error):
+                    if (end := await self._take(leftover)) is not None:
+                        return end
             return EndCause.UPSTREAM_ERROR, f"{type(exc).__name__}: {exc}"
         return EndCause.EOF, None
+
+    async def _take(self, chunk: bytes) -> tuple[EndCause | None, str | None] | None:
+        """Relay and store the events in one upstream chunk; how the run ended, if it did."""
+        if self._decompressor is not None:
+            chunk = self._decompressor.decompress(chunk)
+        try:
+            items = self._decoder.feed(chunk)
+        except EventTooLarge as exc:
+            self._relay(exc.completed)
+            await self._flush_client()
+            return EndCause.UPSTREAM_ERROR, str(exc)
+        done = self._relay(items)
+        await self._flush_client()
+        return (None, None) if done else None
 
     def _relay(self, items: list[Comment | Event]) -> bool:
         """Number, store and queue for the client each item; True once [DONE] went through."""
@@ -500,3 +527,13 @@ class Tee:
                 "detail": detail,
             },
         )
+
+
+def _take_buffered(content: aiohttp.StreamReader) -> bytes:
+    """Bytes a failed StreamReader still holds (aiohttp keeps them in the private _buffer)."""
+    buffer = getattr(content, "_buffer", None)
+    if not buffer:
+        return b""
+    data = b"".join(buffer)
+    buffer.clear()
+    return data

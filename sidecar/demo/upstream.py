@@ -24,6 +24,7 @@ import asyncio
 import json
 import signal
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -167,6 +168,34 @@ def _usage(tokens: int) -> bytes:
 DONE = _data("[DONE]")
 
 
+def _chunks(req: StreamRequest) -> Iterator[bytes]:
+    """The response body, one SSE item per chunk, made as it is sent (so dates are real)."""
+    yield b": ping\n\n"
+    yield _message(
+        f"message-{uuid.uuid4()}",
+        "reasoning_message",
+        source="reasoner_model",
+        reasoning=f"The user asked for the {req.scenario!r} demo; I will answer briefly.",
+    )
+    answer_id = f"message-{uuid.uuid4()}"  # every chunk of one message shares its id
+    for i in range(req.tokens):
+        yield _message(answer_id, "assistant_message", content=_WORDS[i % len(_WORDS)] + " ")
+    if req.scenario == "normal":
+        yield _stop_reason("end_turn")
+        yield _usage(req.tokens)
+        yield DONE
+    elif req.scenario == "error_then_done":
+        yield _stop_reason("llm_api_error")
+        yield _error_event("The model provider failed", "the provider answered HTTP 529")
+        yield DONE
+    elif req.scenario == "error_no_done":
+        yield _stop_reason("error")
+        yield _error_event("The agent step failed", "the service crashed before [DONE]")
+    elif req.scenario == "stop_no_done":
+        yield _stop_reason("end_turn")
+    # "dies" and "reset" have no terminal at all.
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
     try:
         req = await _parse_stream_request(request)
@@ -177,48 +206,22 @@ async def stream(request: web.Request) -> web.StreamResponse:
         headers["X-Run-Id"] = req.run_id
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
-
-    async def send(chunk: bytes) -> None:
-        await resp.write(chunk)
-        if req.delay_ms:
-            await asyncio.sleep(req.delay_ms / 1000)
-
-    await send(b": ping\n\n")
-    await send(
-        _message(
-            f"message-{uuid.uuid4()}",
-            "reasoning_message",
-            source="reasoner_model",
-            reasoning=f"The user asked for the {req.scenario!r} demo; I will answer briefly.",
-        )
-    )
-    answer_id = f"message-{uuid.uuid4()}"
-    for i in range(req.tokens):
-        word = _WORDS[i % len(_WORDS)]
-        await send(_message(answer_id, "assistant_message", content=word + " "))
-
-    scenario = req.scenario
-    if scenario == "normal":
-        await send(_stop_reason("end_turn"))
-        await send(_usage(req.tokens))
-        await send(DONE)
-    elif scenario == "error_then_done":
-        await send(_stop_reason("llm_api_error"))
-        await send(_error_event("The model provider failed", "upstream returned HTTP 529"))
-        await send(DONE)
-    elif scenario == "error_no_done":
-        await send(_stop_reason("error"))
-        await send(_error_event("The agent step failed", "the service crashed before [DONE]"))
-    elif scenario == "stop_no_done":
-        await send(_stop_reason("end_turn"))
-    elif scenario == "reset":
-        # Cut the connection without finishing the chunked body: the client sees a broken
-        # response, not a clean end.
-        if request.transport is not None:
-            request.transport.abort()
-        return resp
-    # "dies" (and the *_no_done endings): a clean end of the body without [DONE].
-    await resp.write_eof()
+    try:
+        for i, chunk in enumerate(_chunks(req)):
+            if i and req.delay_ms:
+                await asyncio.sleep(req.delay_ms / 1000)
+            await resp.write(chunk)
+        if req.scenario == "reset":
+            # Cut the connection without finishing the chunked body: the client sees a broken
+            # response, not a clean end.
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        # A clean end of the body: after [DONE], or without any terminal ("dies", "*_no_done").
+        await resp.write_eof()
+    except ConnectionResetError:
+        # The client (or the sidecar, once it has read [DONE]) closed the connection first.
+        pass
     return resp
 
 

@@ -1,0 +1,73 @@
+"""``sse-sidecar quickstart --once`` end to end: real Redis, demo upstream and sidecar processes."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs redis-server on PATH"
+)
+
+# scenario -> (status, stop_reason, forced_done as the summary prints it)
+EXPECTED = {
+    "normal": ("completed", "end_turn", "-"),
+    "error_then_done": ("failed", "llm_api_error", "-"),
+    "dies": ("failed", "error", "stream_incomplete"),
+}
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (all held open until each one is known)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def test_quickstart_once(tmp_path: Path) -> None:
+    redis_port, upstream_port, port, admin_port = free_ports(4)
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "sidecar", "quickstart", "--once",
+            "--redis-port", str(redis_port),
+            "--upstream-port", str(upstream_port),
+            "--port", str(port),
+            "--admin-port", str(admin_port),
+            "--workdir", str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 0, output
+
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0] in EXPECTED and len(cells) == 8:
+            rows[cells[0]] = cells
+    assert set(rows) == set(EXPECTED), output
+    for scenario, (status, stop_reason, forced) in EXPECTED.items():
+        _, run_id, client, stored, got_status, got_stop, got_forced, key = rows[scenario]
+        assert (got_status, got_stop, got_forced) == (status, stop_reason, forced), output
+        assert run_id.startswith("run-"), output
+        assert key == f"sse:run:{{{run_id}}}", output
+        assert int(client) == int(stored) > 0, output
+    assert 'sse_sidecar_forced_done_total{reason="stream_incomplete"} 1.0' in proc.stdout
+    assert 'sse_sidecar_stream_transitions_total{transition="saw_done_after_error"} 1.0' in (
+        proc.stdout
+    )
+    assert "OK: every run ended as DESIGN.md says it must." in proc.stdout
+    assert (workdir / "redis.log").exists()
+    assert (workdir / "sidecar.log").exists()
