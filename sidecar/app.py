@@ -115,10 +115,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     app[WRITER] = writer
     app[RUNS] = runs
-    app[PROXY] = Proxy(s, session, writer, runs, metrics)
+    proxy = Proxy(s, session, writer, runs, metrics)
+    app[PROXY] = proxy
     try:
         yield
     finally:
+        await proxy.aclose()
         await runs.stop()
         await writer.close(FLUSH_DEADLINE_SECONDS)
         await session.close()
@@ -200,7 +202,15 @@ async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
     app = create_app(settings, metrics=metrics)
     admin = create_admin_app(app)
     grace = settings.drain_seconds + FLUSH_DEADLINE_SECONDS + 5.0
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace, access_log=None)
+    # handler_cancellation: a client that leaves cancels its handler, which is how a tee learns
+    # of it while the upstream is silent (and a passthrough request stops at once).
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=grace,
+        access_log=None,
+        handler_cancellation=True,
+    )
     admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
     await runner.setup()
     await admin_runner.setup()

@@ -1,7 +1,8 @@
 -- Append a batch of one run's events and update its meta, atomically and idempotently.
 --
 -- KEYS[1] = stream key, KEYS[2] = meta key (same hash slot: the run id is their hash tag)
--- ARGV    = producer, claim ("1"/"0"), lease_ms, ttl_ms, maxlen, nmeta,
+-- ARGV    = producer, claim ("1"/"0"), lease_ms, ttl_ms, maxlen, known_last (the last seq the
+--           producer saw confirmed), nmeta,
 --           nmeta pairs of (field, value), then quads of (seq, data, timestamp_ms, complete)
 --
 -- Returns {0, added, trimmed, last_seq} on success, {-1, holder} when another producer holds a
@@ -13,11 +14,11 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local producer = ARGV[1]
-local nmeta = tonumber(ARGV[6])
-local first = 7 + 2 * nmeta
+local nmeta = tonumber(ARGV[7])
+local first = 8 + 2 * nmeta
 local cur = redis.call('HMGET', KEYS[2], 'producer', 'status', 'lease_until_ms', 'last_seq')
 local last = tonumber(cur[4] or '0')
-local lost = false
+local rebuilt = false
 if cur[1] ~= producer then
   if ARGV[2] == '1' then
     if cur[1] and cur[2] == 'running' and tonumber(cur[3] or '0') > now then
@@ -29,11 +30,10 @@ if cur[1] ~= producer then
   elseif cur[1] then
     return {-2, cur[1]}
   else
-    -- The meta vanished under a running producer (Redis restarted empty, or the TTL passed).
-    if first <= #ARGV then
-      last = tonumber(ARGV[first]) - 1
-      lost = last > 0
-    end
+    -- The meta vanished under a running producer (Redis restarted empty, or the TTL passed):
+    -- rebuild it from what the producer knows, and say that the history before is gone.
+    last = tonumber(ARGV[6])
+    rebuilt = true
   end
 end
 local added = 0
@@ -51,13 +51,17 @@ for i = first, #ARGV, 4 do
 end
 local fields = {'producer', producer, 'last_seq', last, 'updated_ms', now,
   'lease_until_ms', now + tonumber(ARGV[3])}
-for i = 7, first - 1, 2 do
+if rebuilt then
+  fields[#fields + 1] = 'status'
+  fields[#fields + 1] = 'running'
+  if tonumber(ARGV[6]) > 0 then
+    fields[#fields + 1] = 'incomplete'
+    fields[#fields + 1] = 'history_lost'
+  end
+end
+for i = 8, first - 1, 2 do
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
-end
-if lost then
-  fields[#fields + 1] = 'incomplete'
-  fields[#fields + 1] = 'history_lost'
 end
 redis.call('HSET', KEYS[2], unpack(fields))
 local trimmed = 0

@@ -145,26 +145,32 @@ class Proxy:
                 timeout=self._timeout,
                 auto_decompress=False,
             )
-        except RequestTooLarge as exc:
-            return json_error(413, "request_too_large", str(exc))
         except TimeoutError:
             return json_error(504, "upstream_timeout", "the upstream did not answer in time")
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, RequestTooLarge) as exc:
+            # aiohttp wraps what the body generator raised in a ClientOSError.
+            if isinstance(too_large := _cause(exc, RequestTooLarge), RequestTooLarge):
+                return json_error(413, "request_too_large", str(too_large))
             log.warning("upstream request failed: %s", exc)
             return json_error(502, "upstream_unreachable", f"cannot reach the upstream: {exc}")
+        if is_event_stream(upstream) and request.method != "HEAD":
+            encoding = upstream.headers.get("Content-Encoding", "identity")
+            decoder = _decompressor(encoding)
+            if encoding == "identity" or decoder is not None:
+                # The tee owns the upstream response from here on.
+                return await self._tee(request, upstream, client_run_id, decoder, started)
+            log.warning("not teeing a %s-encoded event stream; relaying it untouched", encoding)
         try:
-            if is_event_stream(upstream) and request.method != "HEAD":
-                decoder = _decompressor(upstream.headers.get("Content-Encoding", "identity"))
-                encoded = upstream.headers.get("Content-Encoding", "identity") != "identity"
-                if not encoded or decoder is not None:
-                    return await self._tee(request, upstream, client_run_id, decoder, started)
-                log.warning(
-                    "not teeing a %s-encoded event stream; relaying it untouched",
-                    upstream.headers["Content-Encoding"],
-                )
             return await self._passthrough(request, upstream)
         finally:
             upstream.release()
+
+    async def aclose(self) -> None:
+        """Stop what is left of the tees (at shutdown, after the drain ended every run)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
 
     def _upstream_url(self, request: web.Request) -> URL:
         # raw_path keeps the client's exact percent-encoding and query string.
@@ -174,7 +180,7 @@ class Proxy:
         headers = end_to_end(request.headers)
         headers.popall("Host", None)
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers.setdefault("X-Forwarded-Proto", request.scheme)
         headers.setdefault("X-Forwarded-Host", request.host)
@@ -219,6 +225,7 @@ class Proxy:
     ) -> web.StreamResponse:
         run_id = self._pick_run_id(upstream, client_run_id)
         if run_id in self._runs:
+            upstream.close()
             return json_error(409, "run_conflict", f"run {run_id!r} is already being produced")
         now_ms = str(int(time.time() * 1000))
         try:
@@ -228,7 +235,11 @@ class Proxy:
                 {"status": Status.RUNNING.value, "created_ms": now_ms, "route": "proxy"},
             )
         except RunConflict as exc:
+            upstream.close()
             return json_error(409, "run_conflict", str(exc), producer=exc.producer)
+        except BaseException:
+            upstream.close()
+            raise
         headers = end_to_end(upstream.headers)
         for name in ("Content-Length", "Content-Encoding", RUN_ID_RESPONSE_HEADER):
             headers.popall(name, None)
@@ -241,12 +252,12 @@ class Proxy:
             stream=stream,
             settings=self._s,
             writer=self._writer,
+            runs=self._runs,
             metrics=self._m,
             upstream=upstream,
             decompressor=decompressor,
             started=started,
         )
-        self._runs.add(tee)
         self._m.runs_started.labels("proxy").inc()
         self._m.runs_active.inc()
         try:
@@ -259,9 +270,13 @@ class Proxy:
         tee.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _: self._runs.remove(tee))
-        # Shielded: if aiohttp cancels this handler because the client left, the tee goes on.
-        await asyncio.shield(task)
+        try:
+            # Shielded: when aiohttp cancels this handler because the client left, the tee goes
+            # on (or cancels the upstream, per on_client_disconnect).
+            await tee.wait()
+        except asyncio.CancelledError:
+            tee.client_gone()
+            raise
         return resp
 
     def _pick_run_id(self, upstream: aiohttp.ClientResponse, client_run_id: RunId | None) -> RunId:
@@ -284,6 +299,7 @@ class Tee:
         stream: RunStream,
         settings: Settings,
         writer: Writer,
+        runs: RunRegistry,
         metrics: Metrics,
         upstream: aiohttp.ClientResponse,
         decompressor: Any | None,
@@ -292,6 +308,7 @@ class Tee:
         self._run_id = run_id
         self._stream = stream
         self._writer = writer
+        self._runs = runs
         self._m = metrics
         self._upstream = upstream
         self._decompressor = decompressor
@@ -308,6 +325,10 @@ class Tee:
         self._out: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
         self.outcome: Outcome | None = None
+        # Resolved when the run has ended and the client has its last byte; the task may go on
+        # briefly after that to let the upstream finish its response.
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        runs.add(self)
 
     @property
     def run_id(self) -> RunId:
@@ -339,10 +360,25 @@ class Tee:
             self.task.cancel()
 
     async def wait(self) -> None:
-        if self.task is not None:
-            await asyncio.shield(self.task)
+        await asyncio.shield(self.ended)
 
     async def run(self) -> None:
+        try:
+            cause = await self._produce()
+        except BaseException as exc:
+            self._upstream.close()
+            self._runs.remove(self)
+            if not self.ended.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    self.ended.cancel()
+                else:
+                    self.ended.set_exception(exc)
+            raise
+        if cause is None:
+            await self._settle_upstream()
+
+    async def _produce(self) -> EndCause | None:
+        """The run from its first byte to its terminal; returns why it ended early, if it did."""
         cause: EndCause | None = self._cancel_cause
         detail: str | None = None
         try:
@@ -350,7 +386,6 @@ class Tee:
                 cause, detail = await self._pump()
         except asyncio.CancelledError:
             if self._cancel_cause is None:
-                self._upstream.close()
                 raise
             task = asyncio.current_task()
             if task is not None:
@@ -360,11 +395,12 @@ class Tee:
             # Cancelled or failed: closing the connection is what tells the upstream to stop.
             self._upstream.close()
         await self._finish(cause, detail)
+        self._runs.remove(self)
         if self._resp is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self._resp.write_eof()
-        if cause is None:
-            await self._settle_upstream()
+        self.ended.set_result(None)
+        return cause
 
     async def _settle_upstream(self) -> None:
         """After [DONE]: let the upstream end its response, so it sees a clean finish (not a
@@ -537,3 +573,13 @@ def _take_buffered(content: aiohttp.StreamReader) -> bytes:
     data = b"".join(buffer)
     buffer.clear()
     return data
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first exception of that kind in its __cause__/__context__ chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

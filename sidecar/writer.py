@@ -24,6 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import islice
 from typing import Any
 
 from redis import exceptions as redis_errors
@@ -48,12 +49,15 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Pending:
     seq: int
     data: bytes
     timestamp_ms: int
     complete: bool
+    # Meta fields set with (or after) this event: written in the same round trip as the event,
+    # never earlier, so the meta always agrees with the stored events.
+    meta: dict[str, str] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -66,7 +70,9 @@ class RunStream:
     meta_key: str
     claimed: bool = False
     events: deque[Pending] = field(default_factory=deque)
-    meta: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)  # fields newer than no pending event
+    inflight: int = 0  # events at the head of ``events`` that a round trip is carrying now
+    written_seq: int = 0  # the last seq Redis confirmed
     pending_bytes: int = 0
     dropped: str | None = None  # why this run's events are no longer stored, once they are not
     fenced: bool = False  # nothing of this run can be written any more, meta included
@@ -191,31 +197,31 @@ class Writer:
         if run.fenced:
             self._m.writer_dropped_events.labels(run.dropped or "fenced").inc()
             return False
-        if meta:
-            run.meta.update(meta)
-        stored = False
         if run.dropped is None and self._pending_bytes + len(data) > self._max_bytes:
             self._start_dropping(run, "overflow", seq)
-        if run.dropped is None:
-            ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-            run.events.append(Pending(seq, data, ts, complete))
-            run.pending_bytes += len(data)
-            self._pending_events += 1
-            self._pending_bytes += len(data)
-            self._m.writer_pending_events.set(self._pending_events)
-            self._m.writer_pending_bytes.set(self._pending_bytes)
-            stored = True
-        else:
+        if run.dropped is not None:
+            # The event is lost, but what it says about the run (e.g. its final status) is not.
             self._m.writer_dropped_events.labels(run.dropped).inc()
-        if stored or meta:
-            self._mark_dirty(run)
-        return stored
+            if meta:
+                self._add_meta(run, meta)
+                self._mark_dirty(run)
+            return False
+        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        run.events.append(Pending(seq, data, ts, complete, dict(meta) if meta else None))
+        run.pending_bytes += len(data)
+        self._pending_events += 1
+        self._pending_bytes += len(data)
+        self._m.writer_pending_events.set(self._pending_events)
+        self._m.writer_pending_bytes.set(self._pending_bytes)
+        self._mark_dirty(run)
+        return True
 
     def update_meta(self, run: RunStream, meta: Mapping[str, str]) -> None:
         """Set meta fields; an empty mapping just renews the producer's lease and the TTL."""
         if run.fenced:
             return
-        run.meta.update(meta)
+        if meta:
+            self._add_meta(run, meta)
         self._mark_dirty(run)
 
     def release(self, run: RunStream) -> None:
@@ -226,10 +232,17 @@ class Writer:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _add_meta(self, run: RunStream, meta: Mapping[str, str]) -> None:
+        """Attach meta to the newest event not yet in flight, so it lands with (not before) it."""
+        if len(run.events) > run.inflight:
+            last = run.events[-1]
+            last.meta = {**last.meta, **meta} if last.meta else dict(meta)
+        else:
+            run.meta.update(meta)
+
     def _start_dropping(self, run: RunStream, reason: str, seq: int) -> None:
         run.dropped = reason
-        run.meta["incomplete"] = reason
-        run.meta["dropped_from_seq"] = str(seq)
+        self._add_meta(run, {"incomplete": reason, "dropped_from_seq": str(seq)})
         log.error(
             "run %s: dropping events from seq %d on (%s); replay will report the gap",
             run.run_id,
@@ -253,6 +266,7 @@ class Writer:
         self._pending_events -= n
         self._pending_bytes -= run.pending_bytes
         run.events.clear()
+        run.inflight = 0
         run.pending_bytes = 0
         run.meta.clear()
         run.dropped = run.dropped or reason
@@ -280,11 +294,13 @@ class Writer:
 
     async def _round(self) -> bool:
         """One round trip for as many runs as fit; True unless something has to be retried."""
+        # (run, events carried, standalone meta sent): a run with no events and no meta is a
+        # lease renewal, which the script performs on every call.
         batch: list[tuple[RunStream, int, dict[str, str]]] = []
         budget = self._max_events
         for run in self._dirty:
-            # A run with no events and no meta is a lease renewal: the script refreshes the lease.
             n = min(len(run.events), budget)
+            run.inflight = n
             batch.append((run, n, dict(run.meta)))
             budget -= n
             if budget <= 0:
@@ -293,10 +309,17 @@ class Writer:
         started = time.perf_counter()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for run, n, meta in batch:
-                    self._queue_script(pipe, run, meta, [run.events[i] for i in range(n)])
+                for run, n, standalone in batch:
+                    events = list(islice(run.events, n))
+                    meta = dict(standalone)
+                    for ev in events:
+                        if ev.meta:
+                            meta.update(ev.meta)
+                    self._queue_script(pipe, run, meta, events)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except (redis_errors.RedisError, OSError) as exc:
+            for run, _, _ in batch:
+                run.inflight = 0
             self._m.flushes.labels("error").inc()
             self._m.redis_errors.labels("flush").inc()
             log.warning("writer round trip failed, will retry: %s", exc)
@@ -307,9 +330,11 @@ class Writer:
         reload_script = False
         for (run, n, meta), reply in zip(batch, replies, strict=True):
             if isinstance(reply, redis_errors.NoScriptError):
+                run.inflight = 0
                 reload_script = True
             elif isinstance(reply, Exception):
                 ok = False
+                run.inflight = 0
                 self._script_failed(run, reply)
             else:
                 self._settle(run, n, meta, reply)
@@ -323,11 +348,13 @@ class Writer:
                 return False
         return ok
 
-    def _settle(self, run: RunStream, n: int, meta: dict[str, str], reply: Any) -> None:
+    def _settle(self, run: RunStream, n: int, standalone: dict[str, str], reply: Any) -> None:
         code = int(reply[0])
+        run.inflight = 0
         if code == 0:
             run.claimed = True
             run.failures = 0
+            run.written_seq = int(reply[3])
             for _ in range(n):
                 ev = run.events.popleft()
                 run.pending_bytes -= len(ev.data)
@@ -336,7 +363,7 @@ class Writer:
             trimmed = int(reply[2])
             if trimmed:
                 self._m.stream_trimmed_events.inc(trimmed)
-            for key, value in meta.items():
+            for key, value in standalone.items():
                 if run.meta.get(key) == value:
                     del run.meta[key]
             if not run.events and not run.meta:
@@ -378,6 +405,7 @@ class Writer:
             self._lease_ms,
             self._ttl_ms,
             self._maxlen,
+            run.written_seq,
             len(meta),
         ]
         for key, value in meta.items():

@@ -271,7 +271,9 @@ async def make_sidecar(
         metrics = Metrics()
         app = create_app(settings, metrics=metrics)
         admin = create_admin_app(app)
-        runner = web.AppRunner(app, shutdown_timeout=5.0, access_log=None)
+        runner = web.AppRunner(
+            app, shutdown_timeout=5.0, access_log=None, handler_cancellation=True
+        )
         admin_runner = web.AppRunner(admin, access_log=None)
         await runner.setup()
         await admin_runner.setup()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,3 +94,80 @@ def payloads(events: list[Event]) -> list[Any]:
         except json.JSONDecodeError:
             out.append(e.data)
     return out
+
+
+async def read_events(resp: aiohttp.ClientResponse, n: int) -> bytes:
+    """Read a live SSE response until at least ``n`` events arrived; returns the bytes read."""
+    decoder = SSEDecoder()
+    buf = bytearray()
+    seen = 0
+    while seen < n:
+        chunk = await resp.content.readany()
+        if not chunk:
+            raise AssertionError(f"the stream ended after {seen} of {n} events: {bytes(buf)!r}")
+        buf += chunk
+        seen += sum(isinstance(item, Event) for item in decoder.feed(chunk))
+    return bytes(buf)
+
+
+def samples(registry: Any, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample called ``name`` in a prometheus registry, keyed by its sorted labels."""
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+async def redis_keys(client: redis.asyncio.Redis) -> list[str]:
+    """Every key in the test Redis, sorted."""
+    return sorted(_s(k) for k in await client.keys("*"))
+
+
+# -- appended: polling with a deadline, and reading a live SSE response incrementally ---------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> None:
+    """Poll ``check`` until it returns True; fail after ``timeout`` s (for states with no event)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)  # polling: the state has no event to await
+
+
+class LiveReader:
+    """Reads an SSE response as it arrives: ``await until(n)`` returns once n events came."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.body = b""
+        self.events: list[Event] = []
+        self._decoder = SSEDecoder()
+
+    async def until(self, n: int, timeout: float = 5.0) -> list[Event]:
+        async with asyncio.timeout(timeout):
+            while len(self.events) < n:
+                chunk = await self.resp.content.readany()
+                if not chunk:
+                    raise AssertionError(f"stream ended after {len(self.events)} of {n} events")
+                self._take(chunk)
+        return self.events
+
+    async def rest(self, timeout: float = 10.0) -> bytes:
+        """Read to the end of the response; the whole body so far."""
+        async with asyncio.timeout(timeout):
+            while chunk := await self.resp.content.readany():
+                self._take(chunk)
+        return self.body
+
+    def _take(self, chunk: bytes) -> None:
+        self.body += chunk
+        self.events.extend(i for i in self._decoder.feed(chunk) if isinstance(i, Event))
