@@ -158,12 +158,18 @@ class Metrics:
         self.build_info.info({"version": __version__})
 
 
+_STANDARD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
+)
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra=`` fields of a record (run_id, reason, ...)."""
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and k[:1] != "_"}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; ``extra`` fields such as run_id are carried through."""
-
-    _STANDARD = frozenset(
-        logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
-    )
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -171,13 +177,23 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            **_extras(record),
         }
-        for key, value in record.__dict__.items():
-            if key not in self._STANDARD and not key.startswith("_"):
-                out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """For humans: the usual line, then the ``extra`` fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        return f"{line} [{extras}]" if extras else line
 
 
 def configure_logging(log_format: str, level: str) -> None:
@@ -185,7 +201,7 @@ def configure_logging(log_format: str, level: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
