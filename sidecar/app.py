@@ -25,12 +25,16 @@ from prometheus_client.openmetrics.exposition import (
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
+from sidecar.api import ROUTES, Api
+from sidecar.auth import Authorizer
 from sidecar.config import Settings
+from sidecar.follow import Follower
 from sidecar.keys import Keys
 from sidecar.proxy import Proxy
-from sidecar.runs import RunRegistry
+from sidecar.replay import Replayer
+from sidecar.runs import CancelListener, RunRegistry
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause
 from sidecar.writer import Writer
@@ -55,6 +59,8 @@ REDIS = web.AppKey("redis", Redis)
 WRITER = web.AppKey("writer", Writer)
 RUNS = web.AppKey("runs", RunRegistry)
 PROXY = web.AppKey("proxy", Proxy)
+API = web.AppKey("api", Api)
+CANCELS = web.AppKey("cancels", CancelListener)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,8 +72,18 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[STATE] = State()
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_drain)
+    for method, path, attr, name in ROUTES:
+        app.router.add_route(method, path, _api_handler(attr), name=name)
     app.router.add_route("*", "/{tail:.*}", _proxy, name="proxy")
     return app
+
+
+def _api_handler(attr: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        method: Handler = getattr(request.app[API], attr)
+        return await method(request)
+
+    return handler
 
 
 def create_admin_app(traffic: web.Application) -> web.Application:
@@ -88,14 +104,20 @@ def create_admin_app(traffic: web.Application) -> web.Application:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     metrics = app[METRICS]
-    redis = Redis.from_url(
+    # Bounded: 1,000 replay readers catching up at once share these connections instead of
+    # opening 1,000. The follower's blocked read has one more connection of its own.
+    pool = BlockingConnectionPool.from_url(
         s.redis_url,
+        max_connections=s.redis_max_connections,
+        timeout=s.redis_timeout_seconds,
         socket_timeout=s.redis_timeout_seconds,
         socket_connect_timeout=s.redis_timeout_seconds,
     )
+    redis = Redis(connection_pool=pool)
+    keys = Keys(s.key_prefix)
     writer = Writer(
         redis,
-        Keys(s.key_prefix),
+        keys,
         metrics,
         flush_max_events=s.flush_max_events,
         max_bytes=s.writer_max_bytes,
@@ -110,17 +132,50 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
     )
+    follower = Follower(s.redis_url, redis, metrics, connect_timeout=s.redis_timeout_seconds)
+    replayer = Replayer(
+        redis,
+        keys,
+        follower,
+        metrics,
+        heartbeat_seconds=s.heartbeat_seconds,
+        buffer_bytes=s.replay_buffer_bytes,
+        write_timeout=s.replay_write_timeout_seconds,
+        ttl_seconds=s.stream_ttl_seconds,
+        fill=s.dialect == "letta",
+    )
+    authorizer = Authorizer(
+        replay_token=s.replay_token.get_secret_value() if s.replay_token else None,
+        signing_key=s.signing_key.get_secret_value() if s.signing_key else None,
+        token_ttl_seconds=s.replay_token_ttl_seconds,
+    )
+    cancels = CancelListener(redis, keys.cancel_channel, runs)
     writer.start()
     runs.start()
+    follower.start()
+    cancels.start()
     app[REDIS] = redis
     app[WRITER] = writer
     app[RUNS] = runs
-    proxy = Proxy(s, session, writer, runs, metrics)
+    app[CANCELS] = cancels
+    proxy = Proxy(s, session, writer, runs, metrics, authorizer)
     app[PROXY] = proxy
+    app[API] = Api(
+        redis,
+        keys,
+        replayer,
+        follower,
+        runs,
+        authorizer,
+        metrics,
+        cancel_channel=keys.cancel_channel,
+    )
     try:
         yield
     finally:
         await proxy.aclose()
+        await cancels.stop()
+        await follower.close()
         await runs.stop()
         await writer.close(FLUSH_DEADLINE_SECONDS)
         await session.close()

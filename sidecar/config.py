@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SSE_SIDECAR_"
@@ -72,6 +72,29 @@ class Settings(BaseSettings):
     )
     on_client_disconnect: Literal["continue", "cancel"] = Field(
         "continue", description="Keep reading the upstream when the client leaves, or cancel it."
+    )
+    heartbeat_seconds: float = Field(
+        15.0, gt=0, description="Interval of ': ping' comments on idle replay streams."
+    )
+    replay_token: SecretStr | None = Field(
+        None, description="Bearer token required by the replay, status and cancel routes."
+    )
+    signing_key: SecretStr | None = Field(
+        None, description="HMAC key for per-run replay tokens (X-Sidecar-Replay-Token)."
+    )
+    replay_token_ttl_seconds: int = Field(
+        10800, gt=0, description="Lifetime of a per-run replay token."
+    )
+    replay_buffer_bytes: int = Field(
+        1 << 20,
+        gt=0,
+        description="Unsent live bytes one replay reader may hold before it is disconnected.",
+    )
+    replay_write_timeout_seconds: float = Field(
+        30.0, gt=0, description="A replay reader that accepts no bytes this long is disconnected."
+    )
+    redis_max_connections: int = Field(
+        8, ge=2, description="Pool size for writes, claims and catch-up reads (plus 2 fixed)."
     )
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

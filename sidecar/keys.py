@@ -38,3 +38,8 @@ class Keys:
 
     def meta(self, run_id: RunId) -> str:
         return f"{self.prefix}{{{run_id}}}:meta"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel on which any replica asks the producer of a run to cancel it."""
+        return f"{self.prefix}cancel"

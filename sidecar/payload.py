@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from sidecar.sse import encode_event
+
 # orjson reads integers beyond 64 bits as floats; a payload with such a number is rewritten with
 # the stdlib instead, so filling ids never changes a value it did not fill.
 _BIG_INT = re.compile(r"\d{19,}")
@@ -47,3 +49,22 @@ def fill_ids(data: str, payload: Any, seq: int, run_id: str) -> str:
         exact.update(fills)
         return json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
     return orjson.dumps(payload).decode()
+
+
+def render_event(
+    data: str,
+    *,
+    event: str | None,
+    retry: int | None,
+    seq: int,
+    run_id: str,
+    fill: bool,
+    payload: Any = None,
+) -> bytes:
+    """The exact bytes of one stored (and relayed) event: ids filled, ``id: <seq>`` line added."""
+    if fill:
+        if payload is None:
+            payload = parse_payload(data)
+        if payload is not None:
+            data = fill_ids(data, payload, seq, run_id)
+    return encode_event(data, event=event, id=seq, retry=retry)

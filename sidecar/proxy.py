@@ -23,11 +23,12 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.auth import Authorizer
 from sidecar.config import Settings
 from sidecar.errors import EventTooLarge, InvalidRunId, RequestTooLarge, RunConflict
 from sidecar.keys import RunId, new_run_id, validate_run_id
-from sidecar.payload import fill_ids, parse_payload
-from sidecar.runs import RunRegistry, new_producer_id
+from sidecar.payload import parse_payload, render_event
+from sidecar.runs import RunRegistry, final_meta, new_producer_id
 from sidecar.sse import Comment, Event, SSEDecoder, encode_comment, encode_event
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause, Outcome, Status, Tracker, is_done
@@ -51,6 +52,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 RUN_ID_RESPONSE_HEADER = "X-Sidecar-Run-Id"
+REPLAY_TOKEN_HEADER = "X-Sidecar-Replay-Token"
 # After [DONE] the upstream normally ends its response at once; what it sends past [DONE] is
 # read and dropped, within these bounds, before the connection is given back.
 UPSTREAM_SETTLE_SECONDS = 1.0
@@ -103,8 +105,10 @@ class Proxy:
         writer: Writer,
         runs: RunRegistry,
         metrics: Metrics,
+        authorizer: Authorizer,
     ) -> None:
         self._s = settings
+        self._auth = authorizer
         self._session = session
         self._writer = writer
         self._runs = runs
@@ -241,9 +245,16 @@ class Proxy:
             upstream.close()
             raise
         headers = end_to_end(upstream.headers)
-        for name in ("Content-Length", "Content-Encoding", RUN_ID_RESPONSE_HEADER):
+        for name in (
+            "Content-Length",
+            "Content-Encoding",
+            RUN_ID_RESPONSE_HEADER,
+            REPLAY_TOKEN_HEADER,
+        ):
             headers.popall(name, None)
         headers[RUN_ID_RESPONSE_HEADER] = run_id
+        if (token := self._auth.issue(run_id)) is not None:
+            headers[REPLAY_TOKEN_HEADER] = token
         headers.setdefault("Cache-Control", "no-cache")
         headers["X-Accel-Buffering"] = "no"
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -494,27 +505,21 @@ class Tee:
         """Number, store and queue one event; ``final`` marks the run's last event ([DONE])."""
         self._seq += 1
         seq = self._seq
-        if self._fill and payload is not None:
-            data = fill_ids(data, payload, seq, self._run_id)
-        raw = encode_event(data, event=event, id=seq, retry=retry)
+        raw = render_event(
+            data,
+            event=event,
+            retry=retry,
+            seq=seq,
+            run_id=self._run_id,
+            fill=self._fill,
+            payload=payload,
+        )
         if final is not None:
-            meta = {**(meta or {}), **self._final_meta(final)}
+            meta = {**(meta or {}), **final_meta(final)}
         self._writer.append(self._stream, seq, raw, complete=final is not None, meta=meta)
         self._m.stream_events.inc()
         self._m.stream_bytes.inc(len(raw))
         self._out.append(raw)
-
-    @staticmethod
-    def _final_meta(outcome: Outcome) -> dict[str, str]:
-        meta = {
-            "status": outcome.status.value,
-            "finished_ms": str(int(time.time() * 1000)),
-            "forced_done": outcome.forced_done.value if outcome.forced_done else "",
-            "stop_reason": outcome.stop_reason or "",
-        }
-        if outcome.error is not None:
-            meta["error"] = orjson.dumps(outcome.error).decode()
-        return meta
 
     async def _flush_client(self) -> None:
         if not self._out:
@@ -534,13 +539,7 @@ class Tee:
         self.outcome = outcome
         last = len(outcome.synthesized) - 1
         for i, synth in enumerate(outcome.synthesized):
-            self._emit(
-                synth.data,
-                synth.event,
-                None,
-                parse_payload(synth.data),
-                final=outcome if i == last else None,
-            )
+            self._emit(synth.data, synth.event, None, None, final=outcome if i == last else None)
         await self._flush_client()
         self._writer.release(self._stream)
         self._m.runs_active.dec()

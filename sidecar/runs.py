@@ -9,21 +9,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import random
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
 import orjson
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from sidecar.keys import Keys, RunId
-from sidecar.terminal import EndCause
-from sidecar.writer import RunStream, Writer
+from sidecar.keys import Keys, RunId, validate_run_id
+from sidecar.payload import render_event
+from sidecar.terminal import EndCause, Outcome, Tracker
+from sidecar.writer import RunStream, Writer, redis_text
+
+log = logging.getLogger(__name__)
+
+FINALIZE_SCRIPT = resources.files("sidecar").joinpath("finalize.lua").read_text()
 
 INSTANCE_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def final_meta(outcome: Outcome) -> dict[str, str]:
+    """The meta fields a run's terminal sets."""
+    meta = {
+        "status": outcome.status.value,
+        "finished_ms": str(int(time.time() * 1000)),
+        "forced_done": outcome.forced_done.value if outcome.forced_done else "",
+        "stop_reason": outcome.stop_reason or "",
+    }
+    if outcome.error is not None:
+        meta["error"] = orjson.dumps(outcome.error).decode()
+    return meta
 
 
 def new_producer_id() -> str:
@@ -50,7 +73,7 @@ class RunMeta:
 
     @classmethod
     def from_hash(cls, run_id: str, raw: dict[Any, Any]) -> RunMeta:
-        h = {_text(k): _text(v) for k, v in raw.items()}
+        h = {redis_text(k): redis_text(v) for k, v in raw.items()}
 
         def num(key: str) -> int | None:
             value = h.get(key)
@@ -159,5 +182,112 @@ class RunRegistry:
                 await asyncio.wait(pending, timeout=5.0)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+async def end_orphaned_run(
+    redis: Redis,
+    keys: Keys,
+    run_id: RunId,
+    cause: EndCause,
+    *,
+    require_dead: bool,
+    ttl_seconds: int,
+    fill: bool,
+) -> Outcome | None:
+    """End a running run that no producer will end (lease expired, or cancelled without one).
+
+    Appends the synthesized terminal for ``cause`` and the final meta in one atomic script, so
+    that many readers on many replicas racing here end the run exactly once. Returns the outcome
+    when this call ended the run; None when the run had ended already, does not exist, or (with
+    ``require_dead``) its producer is still alive.
+    """
+    for _ in range(10):
+        meta = await read_meta(redis, keys, run_id)
+        if meta is None or meta.status != "running":
+            return None
+        tracker = Tracker(
+            stop_reason=meta.stop_reason, error=meta.error, saw_error=meta.error is not None
+        )
+        outcome = tracker.finish(cause)
+        now_ms = int(time.time() * 1000)
+        args: list[Any] = [new_producer_id(), meta.last_seq, "1" if require_dead else "0"]
+        args.append(ttl_seconds * 1000)
+        fields = final_meta(outcome)
+        args.append(len(fields))
+        for key, value in fields.items():
+            args += [key, value]
+        last = len(outcome.synthesized) - 1
+        for i, synth in enumerate(outcome.synthesized):
+            seq = meta.last_seq + i + 1
+            raw = render_event(
+                synth.data, event=synth.event, retry=None, seq=seq, run_id=run_id, fill=fill
+            )
+            args += [seq, raw, now_ms, "true" if i == last else "false"]
+        reply: Any = await redis.eval(
+            FINALIZE_SCRIPT, 2, keys.stream(run_id), keys.meta(run_id), *args
+        )
+        code = int(reply[0])
+        if code == 1:
+            log.warning(
+                "run ended without the upstream's [DONE]: forced %s",
+                cause.value,
+                extra={
+                    "run_id": run_id,
+                    "reason": cause.value,
+                    "saw_error": outcome.saw_error,
+                    "saw_done": outcome.saw_done,
+                },
+            )
+            return outcome
+        if code != -2:
+            return None
+    return None
+
+
+class CancelListener:
+    """Receives cancel requests published by any replica and cancels the runs produced here."""
+
+    def __init__(self, redis: Redis, channel: str, registry: RunRegistry) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._registry = registry
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="sse-cancel-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self.subscribed.set()
+                backoff = 0.05
+                async for message in pubsub.listen():
+                    self._cancel(redis_text(message.get("data", b"")))
+            except (redis_errors.RedisError, OSError) as exc:
+                self.subscribed.clear()
+                log.warning("cancel subscription lost, resubscribing: %s", exc)
+                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(redis_errors.RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _cancel(self, raw: str) -> None:
+        try:
+            run_id = validate_run_id(raw)
+        except ValueError:
+            return
+        run = self._registry.get(run_id)
+        if run is not None:
+            log.info("cancelling run on request", extra={"run_id": run_id})
+            run.cancel(EndCause.CANCELLED)

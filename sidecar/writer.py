@@ -177,7 +177,7 @@ class Writer:
             return run
         code = int(reply[0])
         if code == -1:
-            raise RunConflict(run_id, _text(reply[1]))
+            raise RunConflict(run_id, redis_text(reply[1]))
         if code != 0:
             raise RuntimeError(f"unexpected claim reply {reply!r}")
         run.claimed = True
@@ -370,7 +370,7 @@ class Writer:
                 self._dirty.pop(run, None)
                 run.drained.set()
             return
-        holder = _text(reply[1])
+        holder = redis_text(reply[1])
         reason = _FATAL.get(code, "redis_rejected")
         log.error(
             "run %s: Redis refused the write (%s, holder/last %s); its events are dropped",
@@ -442,5 +442,6 @@ class Writer:
         return await self._redis.execute_command(*cmd)  # type: ignore[no-untyped-call]
 
 
-def _text(value: Any) -> str:
+def redis_text(value: Any) -> str:
+    """A Redis reply value as text (replies are bytes unless decode_responses is set)."""
     return value.decode() if isinstance(value, bytes) else str(value)

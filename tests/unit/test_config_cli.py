@@ -17,7 +17,8 @@ def test_help_lists_every_setting_with_its_env_var_and_default(
     text = " ".join(capsys.readouterr().out.split())
     for name, field in Settings.model_fields.items():
         assert "--" + name.replace("_", "-") in text
-        assert f"env {ENV_PREFIX}{name.upper()}; default: {field.default}" in text
+        shown = "unset" if field.default is None else field.default
+        assert f"env {ENV_PREFIX}{name.upper()}; default: {shown}" in text
 
 
 def test_defaults_match_the_design() -> None:

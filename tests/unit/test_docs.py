@@ -28,7 +28,8 @@ def test_every_setting_is_documented_with_its_flag_and_default() -> None:
     for env, name in expected.items():
         flag, default = rows[env][1], rows[env][2]
         assert flag == "--" + name.replace("_", "-")
-        assert default == str(Settings.model_fields[name].default), env
+        value = Settings.model_fields[name].default
+        assert default == ("unset" if value is None else str(value)), env
 
 
 def test_every_metric_is_documented_with_its_type_and_labels() -> None:

@@ -1,0 +1,284 @@
+"""Replay: one cursor from a run's history to its live tail, as an SSE response.
+
+A reader starts after a cursor (``Last-Event-ID``, ``starting_after``, or 0). It catches up with
+``XRANGE`` pages of ``batch_size``, then follows the live tail through the shared ``Follower``
+from the last seq it sent, and ends right after the run's ``complete`` entry ([DONE]). The bytes
+it sends are the stored entries' ``data``, which are exactly what the live client received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
+
+from sidecar.follow import Entry, Follower, parse_entry
+from sidecar.keys import Keys, RunId
+from sidecar.runs import RunMeta, end_orphaned_run, read_meta
+from sidecar.sse import encode_comment, encode_event
+from sidecar.telemetry import Metrics
+from sidecar.terminal import EndCause
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 100
+MAX_BATCH = 10_000
+PING_COMMENT = encode_comment(" ping")
+PING_EVENT = encode_event('{"message_type":"ping"}')
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class ReplayBody(BaseModel):
+    """The Letta-compatible POST body; ``poll_interval`` is accepted and ignored (nothing polls)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    starting_after: int | None = Field(None, ge=0)
+    include_pings: bool = False
+    batch_size: int = Field(DEFAULT_BATCH, ge=1, le=MAX_BATCH)
+    poll_interval: float | None = Field(None, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayParams:
+    starting_after: int = 0
+    include_pings: bool = False
+    batch_size: int = DEFAULT_BATCH
+
+
+class ReplayError(Exception):
+    """Refused before any byte was streamed: becomes a JSON error response."""
+
+    def __init__(self, status: int, type_: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.extra = extra
+
+
+def _cursor(value: str, source: str) -> int:
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise ReplayError(
+            400, "bad_cursor", f"{source} must be a non-negative integer seq, got {value[:40]!r}"
+        )
+    return int(text)
+
+
+def params_from_query(request: web.Request) -> ReplayParams:
+    """GET: cursor from ``Last-Event-ID`` (what EventSource sends), else ``?starting_after``."""
+    if (header := request.headers.get("Last-Event-ID")) is not None:
+        cursor = _cursor(header, "Last-Event-ID")
+    elif (query := request.query.get("starting_after")) is not None:
+        cursor = _cursor(query, "starting_after")
+    else:
+        cursor = 0
+    batch = DEFAULT_BATCH
+    if (raw := request.query.get("batch_size")) is not None:
+        batch = _cursor(raw, "batch_size")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ReplayError(400, "bad_request", f"batch_size must be 1..{MAX_BATCH}")
+    pings = request.query.get("include_pings", "false").lower() in ("1", "true", "yes")
+    return ReplayParams(cursor, pings, batch)
+
+
+async def params_from_body(request: web.Request) -> ReplayParams:
+    """POST (Letta's form): the JSON body; a ``Last-Event-ID`` header still wins."""
+    raw = await request.read()
+    try:
+        body = ReplayBody.model_validate_json(raw or b"{}")
+    except ValueError as exc:
+        raise ReplayError(400, "bad_request", f"invalid replay body: {exc}") from None
+    cursor = body.starting_after or 0
+    if (header := request.headers.get("Last-Event-ID")) is not None:
+        cursor = _cursor(header, "Last-Event-ID")
+    return ReplayParams(cursor, body.include_pings, body.batch_size)
+
+
+class Replayer:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        follower: Follower,
+        metrics: Metrics,
+        *,
+        heartbeat_seconds: float,
+        buffer_bytes: int,
+        write_timeout: float,
+        ttl_seconds: int,
+        fill: bool,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._follower = follower
+        self._m = metrics
+        self._heartbeat = heartbeat_seconds
+        self._buffer_bytes = buffer_bytes
+        self._write_timeout = write_timeout
+        self._ttl = ttl_seconds
+        self._fill = fill
+        self._checked: dict[str, float] = {}
+
+    async def meta(self, run_id: RunId) -> RunMeta | None:
+        """The run's meta, after ending it with ``producer_lost`` if its producer is gone."""
+        meta = await read_meta(self._redis, self._keys, run_id)
+        if meta is not None and meta.status == "running" and self._lease_expired(meta):
+            await self.end_orphan(run_id, EndCause.PRODUCER_LOST, require_dead=True)
+            meta = await read_meta(self._redis, self._keys, run_id)
+        return meta
+
+    async def end_orphan(self, run_id: RunId, cause: EndCause, *, require_dead: bool) -> bool:
+        outcome = await end_orphaned_run(
+            self._redis,
+            self._keys,
+            run_id,
+            cause,
+            require_dead=require_dead,
+            ttl_seconds=self._ttl,
+            fill=self._fill,
+        )
+        if outcome is None:
+            return False
+        self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label).inc()
+        if outcome.forced_done is not None:
+            self._m.forced_done.labels(outcome.forced_done.value).inc()
+        return True
+
+    @staticmethod
+    def _lease_expired(meta: RunMeta) -> bool:
+        return meta.lease_until_ms is not None and meta.lease_until_ms < time.time() * 1000
+
+    async def stream(
+        self, request: web.Request, run_id: RunId, params: ReplayParams
+    ) -> web.StreamResponse:
+        """Validate against the stored run, then stream; refusals raise ``ReplayError``."""
+        meta = await self.meta(run_id)
+        if meta is None:
+            raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+        cursor = params.starting_after
+        key = self._keys.stream(run_id)
+        head: Any = await self._redis.xrange(key, "-", "+", count=1)
+        first_seq = parse_entry(*head[0]).seq if head else None
+        if cursor < meta.last_seq and (first_seq is None or cursor + 1 < first_seq):
+            raise ReplayError(
+                410,
+                "cursor_expired",
+                f"events after seq {cursor} are no longer retained",
+                first_available_seq=first_seq,
+            )
+        if meta.status != "running" and cursor >= meta.last_seq:
+            if meta.incomplete == "overflow":
+                raise ReplayError(410, "events_lost", _lost_message(meta), **_lost_extra(meta))
+            self._m.replay_requests.labels("no_content").inc()
+            return web.Response(status=204)
+        resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Sidecar-Run-Id": run_id})
+        await resp.prepare(request)
+        self._m.replay_requests.labels("ok").inc()
+        self._m.replay_active.inc()
+        try:
+            await self._send_all(resp, run_id, key, cursor, params)
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            log.info("replay reader gone: %s", exc, extra={"run_id": run_id})
+        finally:
+            self._m.replay_active.dec()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write_eof()
+        return resp
+
+    async def _send_all(
+        self,
+        resp: web.StreamResponse,
+        run_id: RunId,
+        key: str,
+        cursor: int,
+        params: ReplayParams,
+    ) -> None:
+        # Catch-up: pages of history.
+        while True:
+            page: Any = await self._redis.xrange(key, f"({cursor}-0", "+", count=params.batch_size)
+            entries = [parse_entry(entry_id, fields) for entry_id, fields in page]
+            if entries:
+                cursor = entries[-1].seq
+                if await self._write(resp, entries, live=False):
+                    return
+            if len(entries) < params.batch_size:
+                break
+        # Live: the shared follower, from the last seq sent.
+        sub = self._follower.subscribe(key, cursor, self._buffer_bytes)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(sub.ready.wait(), self._heartbeat)
+                except TimeoutError:
+                    await self._idle(resp, run_id, sub.cursor, params)
+                    continue
+                if sub.overflowed:
+                    log.warning(
+                        "replay reader too slow: disconnected, it can resume from seq %d",
+                        cursor,
+                        extra={"run_id": run_id},
+                    )
+                    self._m.replay_requests.labels("slow_reader").inc()
+                    return
+                entries = sub.take()
+                if entries:
+                    cursor = entries[-1].seq
+                    if await self._write(resp, entries, live=True):
+                        return
+        finally:
+            self._follower.unsubscribe(sub)
+
+    async def _write(self, resp: web.StreamResponse, entries: list[Entry], *, live: bool) -> bool:
+        """Send entries; True once the run's last entry went out."""
+        async with asyncio.timeout(self._write_timeout):
+            await resp.write(b"".join(e.data for e in entries))
+        self._m.replay_events.inc(len(entries))
+        if live:
+            now_ms = time.time() * 1000
+            for e in entries:
+                self._m.replay_delivery_lag.observe(max(0.0, (now_ms - e.timestamp_ms) / 1000))
+        return entries[-1].complete
+
+    async def _idle(
+        self, resp: web.StreamResponse, run_id: RunId, cursor: int, params: ReplayParams
+    ) -> None:
+        """Nothing new for a heartbeat: keep proxies from closing us, and look for a dead run."""
+        async with asyncio.timeout(self._write_timeout):
+            await resp.write(PING_EVENT if params.include_pings else PING_COMMENT)
+        now = time.monotonic()
+        # One check per run per heartbeat, however many readers follow it.
+        if now - self._checked.get(run_id, 0.0) < self._heartbeat:
+            return
+        self._checked[run_id] = now
+        if len(self._checked) > 10_000:
+            self._checked = {k: v for k, v in self._checked.items() if now - v < self._heartbeat}
+        meta = await self.meta(run_id)
+        if meta is None:
+            raise ConnectionError("the run expired while being followed")
+        if meta.status != "running" and meta.incomplete == "overflow" and cursor >= meta.last_seq:
+            # The writer had to drop the rest of this run: say so instead of waiting forever.
+            error = {"message_type": "error_message", "error_type": "replay_incomplete"}
+            error["message"] = _lost_message(meta)
+            await resp.write(encode_event(orjson.dumps(error).decode(), event="error"))
+            raise ConnectionError("the rest of the run was not stored")
+
+
+def _lost_message(meta: RunMeta) -> str:
+    return f"events after seq {meta.last_seq} of this run were not stored ({meta.incomplete})"
+
+
+def _lost_extra(meta: RunMeta) -> dict[str, Any]:
+    return {"last_stored_seq": meta.last_seq, "reason": meta.incomplete}
