@@ -61,6 +61,7 @@ RUNS = web.AppKey("runs", RunRegistry)
 PROXY = web.AppKey("proxy", Proxy)
 API = web.AppKey("api", Api)
 CANCELS = web.AppKey("cancels", CancelListener)
+FOLLOWER = web.AppKey("follower", Follower)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -158,6 +159,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[WRITER] = writer
     app[RUNS] = runs
     app[CANCELS] = cancels
+    app[FOLLOWER] = follower
     proxy = Proxy(s, session, writer, runs, metrics, authorizer)
     app[PROXY] = proxy
     app[API] = Api(
@@ -183,8 +185,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _drain(app: web.Application) -> None:
-    """on_shutdown: listeners are closed; let running tees end, then force the rest."""
+    """on_shutdown: listeners are closed; let running tees end, then force the rest, then let
+    replay readers go (they resume on another replica with Last-Event-ID)."""
     app[STATE].draining = True
+    try:
+        await _drain_runs(app)
+    finally:
+        app[FOLLOWER].close_subscriptions()
+
+
+async def _drain_runs(app: web.Application) -> None:
     runs = app[RUNS]
     if not len(runs):
         return

@@ -61,7 +61,9 @@ class Subscription:
     entries: deque[Entry] = field(default_factory=deque)
     buffered: int = 0
     overflowed: bool = False
-    failed: BaseException | None = None
+    closed: bool = (
+        False  # the sidecar is shutting down: the reader should end (and resume elsewhere)
+    )
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, entry: Entry) -> None:
@@ -104,6 +106,7 @@ class Follower:
         self._blocking = False
         self._unblocking = False
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         if self._task is None:
@@ -118,7 +121,7 @@ class Follower:
         await self._blocker.aclose()
 
     def subscribe(self, key: str, cursor: int, max_bytes: int) -> Subscription:
-        sub = Subscription(key, cursor, max_bytes)
+        sub = Subscription(key, cursor, max_bytes, closed=self._closing)
         self._subs.setdefault(key, set()).add(sub)
         covered = self._covered.get(key)
         if covered is None or cursor < covered:
@@ -136,6 +139,14 @@ class Follower:
     @property
     def followed_keys(self) -> int:
         return len(self._subs)
+
+    def close_subscriptions(self) -> None:
+        """At shutdown: wake every reader so that it ends its response now."""
+        self._closing = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.closed = True
+                sub.ready.set()
 
     def _interrupt(self) -> None:
         if self._blocking and not self._unblocking and self._blocked_id is not None:

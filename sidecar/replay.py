@@ -225,6 +225,8 @@ class Replayer:
                 except TimeoutError:
                     await self._idle(resp, run_id, sub.cursor, params)
                     continue
+                if sub.closed:
+                    return
                 if sub.overflowed:
                     log.warning(
                         "replay reader too slow: disconnected, it can resume from seq %d",
