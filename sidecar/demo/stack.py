@@ -199,6 +199,9 @@ class RunReport:
     scenario: str
     run_id: str = "-"
     client_events: int = 0
+    live: list[Event] = field(default_factory=list)
+    replay_from: int = 0
+    replayed: int = 0
     stored: int = 0
     meta: RunMeta | None = None
     problems: list[str] = field(default_factory=list)
@@ -249,6 +252,8 @@ async def _tour(args: argparse.Namespace, stack: Stack) -> int:
     ):
         await _start(stack, ports, http, redis)
         reports = [await _drive(http, redis, ports, scenario) for scenario in EXPECTED]
+        for report in reports:
+            await _replay(http, ports, report)
         ok = _print_summary(reports, await _scrape_metrics(http, ports))
     if args.once:
         return 0 if ok else 1
@@ -388,6 +393,7 @@ async def _drive(
                 for item in decoder.feed(chunk):
                     if isinstance(item, Event) and item.data is not None:
                         report.client_events += 1
+                        report.live.append(item)
                         last = item
     except (aiohttp.ClientError, TimeoutError) as exc:
         report.problems.append(f"the stream broke: {type(exc).__name__}: {exc}")
@@ -405,6 +411,28 @@ async def _drive(
     report.stored = await redis.xlen(KEYS.stream(run_id))
     _check(report, last)
     return report
+
+
+async def _replay(http: aiohttp.ClientSession, ports: Ports, report: RunReport) -> None:
+    """Resume the finished run a few events before its end, as a reconnecting client would."""
+    if report.meta is None or not report.live:
+        return
+    report.replay_from = max(0, len(report.live) - 3)
+    url = (
+        f"http://{HOST}:{ports.sidecar}/sidecar/v1/runs/{report.run_id}/stream"
+        f"?starting_after={report.replay_from}"
+    )
+    async with http.get(url) as resp:
+        body = await resp.read()
+        if resp.status != 200:
+            report.problems.append(f"replay answered HTTP {resp.status}: {body[:200]!r}")
+            return
+    replayed = [i for i in SSEDecoder().feed(body) if isinstance(i, Event)]
+    report.replayed = len(replayed)
+    if replayed != report.live[report.replay_from :]:
+        report.problems.append(
+            f"replay from seq {report.replay_from} differs from what the live client received"
+        )
 
 
 async def _settled_meta(redis: Redis, run_id: RunId) -> RunMeta | None:
@@ -484,6 +512,11 @@ def _print_summary(reports: list[RunReport], metric_lines: list[str]) -> bool:
     for r in reports:
         story = textwrap.wrap(EXPECTED[r.scenario].story, 80)
         print(f"  {r.scenario:<17}" + "\n  {:<17}".format("").join(story))
+    print("\nReplay (GET /sidecar/v1/runs/{run_id}/stream?starting_after=N, as after a dropped")
+    print("connection): each run resumed 3 events before its end:")
+    for r in reports:
+        same = "identical to the live events" if not r.problems else "see below"
+        print(f"  {r.scenario:<17}from seq {r.replay_from}: {r.replayed} events, {same}")
     print("\nMetrics (admin port, /metrics):")
     for line in metric_lines or ["(none)"]:
         print(f"  {line}")
@@ -518,6 +551,18 @@ Try it yourself (the stack keeps running; Ctrl-C stops it):
 
   # non-SSE traffic passes through untouched
   curl -X POST '{proxy}/v1/echo?hello=world' -H 'Content-Type: application/json' -d '{{"hi":1}}'
+
+  # replay the "dies" run from seq 10 (or with Last-Event-ID, or Letta's POST form), its status
+  curl -N '{proxy}/sidecar/v1/runs/{failed}/stream?starting_after=10'
+  curl -N -H 'Last-Event-ID: 10' {proxy}/sidecar/v1/runs/{failed}/stream
+  curl -N -X POST {proxy}/v1/runs/{failed}/stream -H 'Content-Type: application/json' \\
+    -d '{{"starting_after": 10}}'
+  curl {proxy}/sidecar/v1/runs/{failed}
+
+  # follow a slow run live from another terminal while it streams (cancel it from a third)
+  {stream} -H 'X-Run-Id: run-slow' -d '{{"scenario":"normal","tokens":200,"delay_ms":100}}'
+  curl -N {proxy}/sidecar/v1/runs/run-slow/stream
+  curl -X POST {proxy}/sidecar/v1/runs/run-slow/cancel
 
   # what the sidecar stored for the "dies" run: its events (forced terminal at the end), its meta
   redis-cli -p {ports.redis} XRANGE '{KEYS.stream(RunId(failed))}' - +
