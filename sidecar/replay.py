@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 100
 MAX_BATCH = 10_000
 PING_COMMENT = encode_comment(" ping")
-PING_EVENT = encode_event('{"message_type":"ping"}')
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -41,13 +42,16 @@ SSE_HEADERS = {
 
 
 class ReplayBody(BaseModel):
-    """The Letta-compatible POST body; ``poll_interval`` is accepted and ignored (nothing polls)."""
+    """The Letta-compatible POST body, with Letta's defaults (pings on); null means default.
+
+    ``poll_interval`` is accepted and ignored: nothing polls.
+    """
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     starting_after: int | None = Field(None, ge=0)
-    include_pings: bool = False
-    batch_size: int = Field(DEFAULT_BATCH, ge=1, le=MAX_BATCH)
+    include_pings: bool | None = None
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
     poll_interval: float | None = Field(None, ge=0)
 
 
@@ -104,7 +108,8 @@ async def params_from_body(request: web.Request) -> ReplayParams:
     cursor = body.starting_after or 0
     if (header := request.headers.get("Last-Event-ID")) is not None:
         cursor = _cursor(header, "Last-Event-ID")
-    return ReplayParams(cursor, body.include_pings, body.batch_size)
+    pings = True if body.include_pings is None else body.include_pings
+    return ReplayParams(cursor, pings, body.batch_size or DEFAULT_BATCH)
 
 
 class Replayer:
@@ -223,7 +228,8 @@ class Replayer:
                 try:
                     await asyncio.wait_for(sub.ready.wait(), self._heartbeat)
                 except TimeoutError:
-                    await self._idle(resp, run_id, sub.cursor, params)
+                    if await self._idle(resp, run_id, sub.cursor, params):
+                        return
                     continue
                 if sub.closed:
                     return
@@ -256,26 +262,44 @@ class Replayer:
 
     async def _idle(
         self, resp: web.StreamResponse, run_id: RunId, cursor: int, params: ReplayParams
-    ) -> None:
-        """Nothing new for a heartbeat: keep proxies from closing us, and look for a dead run."""
+    ) -> bool:
+        """Nothing new for a heartbeat: keep proxies from closing us, and look for a dead run.
+
+        True when the stream should end: nothing more will come after ``cursor``.
+        """
         async with asyncio.timeout(self._write_timeout):
-            await resp.write(PING_EVENT if params.include_pings else PING_COMMENT)
+            await resp.write(ping_event(run_id) if params.include_pings else PING_COMMENT)
         now = time.monotonic()
         # One check per run per heartbeat, however many readers follow it.
         if now - self._checked.get(run_id, 0.0) < self._heartbeat:
-            return
+            return False
         self._checked[run_id] = now
         if len(self._checked) > 10_000:
             self._checked = {k: v for k, v in self._checked.items() if now - v < self._heartbeat}
         meta = await self.meta(run_id)
         if meta is None:
-            raise ConnectionError("the run expired while being followed")
-        if meta.status != "running" and meta.incomplete == "overflow" and cursor >= meta.last_seq:
-            # The writer had to drop the rest of this run: say so instead of waiting forever.
+            return True  # the run expired while being followed
+        if meta.status == "running" or cursor < meta.last_seq:
+            return False
+        if meta.incomplete == "overflow":
+            # The writer had to drop the rest of this run: say so, not wait forever.
             error = {"message_type": "error_message", "error_type": "replay_incomplete"}
             error["message"] = _lost_message(meta)
             await resp.write(encode_event(orjson.dumps(error).decode(), event="error"))
-            raise ConnectionError("the rest of the run was not stored")
+        # Otherwise the cursor is at or past the run's end (the reader saw [DONE] live before
+        # the writer stored it): nothing more will come, and its reconnect gets 204.
+        return True
+
+
+def ping_event(run_id: str) -> bytes:
+    """Letta's keepalive message (``LettaPing``); not numbered, not stored."""
+    ping = {
+        "id": f"ping-{uuid.uuid4()}",
+        "date": datetime.now(UTC).isoformat(),
+        "message_type": "ping",
+        "run_id": run_id,
+    }
+    return encode_event(orjson.dumps(ping).decode())
 
 
 def _lost_message(meta: RunMeta) -> str:
