@@ -171,3 +171,49 @@ class LiveReader:
     def _take(self, chunk: bytes) -> None:
         self.body += chunk
         self.events.extend(i for i in self._decoder.feed(chunk) if isinstance(i, Event))
+
+
+# -- appended (replay tests): raw events of a body, reading up to a marker, runs put in Redis --
+
+
+def split_events(body: bytes) -> list[bytes]:
+    """The raw events of a body the sidecar wrote (LF line ends), each with its blank line."""
+    parts = body.split(b"\n\n")
+    assert parts[-1] == b"", f"the body does not end at an event boundary: {body[-80:]!r}"
+    return [part + b"\n\n" for part in parts[:-1]]
+
+
+async def read_until_bytes(
+    reader: LiveReader, needle: bytes, count: int = 1, timeout: float = 5.0
+) -> bytes:
+    """Read a live response until ``needle`` occurred ``count`` times; the whole body so far."""
+    async with asyncio.timeout(timeout):
+        while reader.body.count(needle) < count:
+            chunk = await reader.resp.content.readany()
+            if not chunk:
+                raise AssertionError(f"stream ended before {count} x {needle!r}: {reader.body!r}")
+            reader._take(chunk)
+    return reader.body
+
+
+async def write_run(
+    client: redis.asyncio.Redis,
+    run_id: RunId,
+    events: list[bytes],
+    fields: dict[str, str],
+    *,
+    complete_last: bool = False,
+    prefix: str = "sse:run:",
+) -> None:
+    """Store a run as the writer does (entries ``<seq>-0``, then the meta hash), bypassing it."""
+    keys = Keys(prefix)
+    now_ms = int(time.time() * 1000)
+    for seq, raw in enumerate(events, 1):
+        complete = "true" if complete_last and seq == len(events) else "false"
+        await client.xadd(
+            keys.stream(run_id),
+            {"seq_id": str(seq), "data": raw, "timestamp": str(now_ms), "complete": complete},
+            id=f"{seq}-0",
+        )
+    values = {"last_seq": str(len(events)), **fields}
+    await client.hset(keys.meta(run_id), mapping=values)  # type: ignore[arg-type]
