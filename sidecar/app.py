@@ -32,7 +32,7 @@ from sidecar.auth import Authorizer
 from sidecar.config import Settings
 from sidecar.follow import Follower
 from sidecar.keys import Keys
-from sidecar.proxy import Proxy
+from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, RunRegistry
 from sidecar.telemetry import Metrics
@@ -75,8 +75,17 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.on_shutdown.append(_drain)
     for method, path, attr, name in ROUTES:
         app.router.add_route(method, path, _api_handler(attr), name=name)
+    # /sidecar/ is the sidecar's own namespace: a path there that matches no route is a client
+    # error to report here, not a request for the upstream.
+    app.router.add_route("*", "/sidecar/{tail:.*}", _unknown_sidecar_route, name="sidecar_other")
     app.router.add_route("*", "/{tail:.*}", _proxy, name="proxy")
     return app
+
+
+async def _unknown_sidecar_route(request: web.Request) -> web.StreamResponse:
+    return json_error(
+        404, "no_such_route", f"no sidecar route {request.method} {request.path} (see README)"
+    )
 
 
 def _api_handler(attr: str) -> Handler:

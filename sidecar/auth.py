@@ -49,7 +49,7 @@ def make_run_token(key: str, run_id: str, expiry: int) -> str:
 
 def check_run_token(key: str, token: str, run_id: str, now: float | None = None) -> Verdict:
     parts = token.split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
+    if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit() and len(parts[1]) <= 16):
         return Verdict.INVALID
     try:
         token_run = _unb64(parts[0]).decode()

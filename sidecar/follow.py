@@ -61,13 +61,26 @@ class Subscription:
     entries: deque[Entry] = field(default_factory=deque)
     buffered: int = 0
     overflowed: bool = False
+    gap: bool = False  # entries after the cursor were trimmed before they could be read
     closed: bool = (
         False  # the sidecar is shutting down: the reader should end (and resume elsewhere)
     )
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def broken(self) -> bool:
+        """The reader cannot go on from here (too slow, or outrun by trimming)."""
+        return self.overflowed or self.gap
+
     def offer(self, entry: Entry) -> None:
-        if entry.seq <= self.cursor or self.overflowed:
+        if entry.seq <= self.cursor or self.broken:
+            return
+        if entry.seq != self.cursor + 1:
+            # seqs are contiguous, so a jump means the length cap trimmed events this reader
+            # never got: cut it, and its reconnect is told so (410) instead of a silent hole.
+            self.gap = True
+            self.entries.clear()
+            self.ready.set()
             return
         self.cursor = entry.seq
         self.buffered += len(entry.data)

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from sidecar.follow import Entry, Follower, parse_entry
 from sidecar.keys import Keys, RunId
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 100
 MAX_BATCH = 10_000
+MAX_CURSOR = 10**18 - 1  # what fits the header and query forms (18 digits)
 PING_COMMENT = encode_comment(" ping")
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -49,7 +51,7 @@ class ReplayBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    starting_after: int | None = Field(None, ge=0)
+    starting_after: int | None = Field(None, ge=0, le=MAX_CURSOR)
     include_pings: bool | None = None
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
     poll_interval: float | None = Field(None, ge=0)
@@ -135,7 +137,7 @@ class Replayer:
         self._write_timeout = write_timeout
         self._ttl = ttl_seconds
         self._fill = fill
-        self._checked: dict[str, float] = {}
+        self._checked: dict[str, tuple[float, RunMeta | None]] = {}
 
     async def meta(self, run_id: RunId) -> RunMeta | None:
         """The run's meta, after ending it with ``producer_lost`` if its producer is gone."""
@@ -193,59 +195,74 @@ class Replayer:
         await resp.prepare(request)
         self._m.replay_requests.labels("ok").inc()
         self._m.replay_active.inc()
+        complete = False
         try:
-            await self._send_all(resp, run_id, key, cursor, params)
-        except (ConnectionError, TimeoutError, RuntimeError) as exc:
-            log.info("replay reader gone: %s", exc, extra={"run_id": run_id})
+            complete = await self._send_all(resp, meta, key, cursor, params)
+        except (ConnectionError, TimeoutError, RuntimeError, OSError, RedisError) as exc:
+            log.info("replay stream cut: %s", exc, extra={"run_id": run_id})
         finally:
             self._m.replay_active.dec()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await resp.write_eof()
+        if complete:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await resp.write_eof()
+        elif request.transport is not None:
+            # Cut before the end: an unterminated body tells the client to resume (with
+            # Last-Event-ID), where a clean end would look like a finished run.
+            request.transport.close()
         return resp
 
     async def _send_all(
         self,
         resp: web.StreamResponse,
-        run_id: RunId,
+        meta: RunMeta,
         key: str,
         cursor: int,
         params: ReplayParams,
-    ) -> None:
-        # Catch-up: pages of history.
+    ) -> bool:
+        """Stream from history, then live; True when the stream ended cleanly (nothing more)."""
+        run_id = RunId(meta.run_id)
         while True:
             page: Any = await self._redis.xrange(key, f"({cursor}-0", "+", count=params.batch_size)
             entries = [parse_entry(entry_id, fields) for entry_id, fields in page]
             if entries:
                 cursor = entries[-1].seq
                 if await self._write(resp, entries, live=False):
-                    return
+                    return True
             if len(entries) < params.batch_size:
                 break
-        # Live: the shared follower, from the last seq sent.
+        if await self._ended_before(resp, meta, cursor):
+            return True
         sub = self._follower.subscribe(key, cursor, self._buffer_bytes)
         try:
             while True:
                 try:
                     await asyncio.wait_for(sub.ready.wait(), self._heartbeat)
                 except TimeoutError:
-                    if await self._idle(resp, run_id, sub.cursor, params):
-                        return
+                    await self._heartbeat_ping(resp, run_id, params)
+                    current = await self._checked_meta(run_id)
+                    if current is None:
+                        return True  # the run expired while being followed
+                    # The seq last *sent*: the follower may hold entries this reader has not
+                    # written yet (they arrived during the awaits above).
+                    if await self._ended_before(resp, current, cursor):
+                        return True
                     continue
-                if sub.closed:
-                    return
-                if sub.overflowed:
-                    log.warning(
-                        "replay reader too slow: disconnected, it can resume from seq %d",
-                        cursor,
-                        extra={"run_id": run_id},
-                    )
-                    self._m.replay_requests.labels("slow_reader").inc()
-                    return
+                if sub.closed or sub.broken:
+                    if sub.broken:
+                        why = "too slow" if sub.overflowed else "outrun by the length cap"
+                        log.warning(
+                            "replay reader cut (%s): it can resume from seq %d",
+                            why,
+                            sub.cursor,
+                            extra={"run_id": run_id},
+                        )
+                        self._m.replay_requests.labels("slow_reader").inc()
+                    return False
                 entries = sub.take()
                 if entries:
                     cursor = entries[-1].seq
                     if await self._write(resp, entries, live=True):
-                        return
+                        return True
         finally:
             self._follower.unsubscribe(sub)
 
@@ -260,25 +277,28 @@ class Replayer:
                 self._m.replay_delivery_lag.observe(max(0.0, (now_ms - e.timestamp_ms) / 1000))
         return entries[-1].complete
 
-    async def _idle(
-        self, resp: web.StreamResponse, run_id: RunId, cursor: int, params: ReplayParams
-    ) -> bool:
-        """Nothing new for a heartbeat: keep proxies from closing us, and look for a dead run.
-
-        True when the stream should end: nothing more will come after ``cursor``.
-        """
+    async def _heartbeat_ping(
+        self, resp: web.StreamResponse, run_id: RunId, params: ReplayParams
+    ) -> None:
+        """Keep proxies between us and the reader from closing an idle stream."""
         async with asyncio.timeout(self._write_timeout):
             await resp.write(ping_event(run_id) if params.include_pings else PING_COMMENT)
+
+    async def _checked_meta(self, run_id: RunId) -> RunMeta | None:
+        """The run's meta as of at most one heartbeat ago: one read per run per heartbeat,
+        however many readers follow it (this is also when a dead producer is noticed)."""
         now = time.monotonic()
-        # One check per run per heartbeat, however many readers follow it.
-        if now - self._checked.get(run_id, 0.0) < self._heartbeat:
-            return False
-        self._checked[run_id] = now
-        if len(self._checked) > 10_000:
-            self._checked = {k: v for k, v in self._checked.items() if now - v < self._heartbeat}
+        cached = self._checked.get(run_id)
+        if cached is not None and now - cached[0] < self._heartbeat:
+            return cached[1]
         meta = await self.meta(run_id)
-        if meta is None:
-            return True  # the run expired while being followed
+        if len(self._checked) > 10_000:
+            self._checked = {k: v for k, v in self._checked.items() if now - v[0] < self._heartbeat}
+        self._checked[run_id] = (now, meta)
+        return meta
+
+    async def _ended_before(self, resp: web.StreamResponse, meta: RunMeta, cursor: int) -> bool:
+        """True when the run has ended and nothing after ``cursor`` will ever come."""
         if meta.status == "running" or cursor < meta.last_seq:
             return False
         if meta.incomplete == "overflow":
@@ -287,7 +307,7 @@ class Replayer:
             error["message"] = _lost_message(meta)
             await resp.write(encode_event(orjson.dumps(error).decode(), event="error"))
         # Otherwise the cursor is at or past the run's end (the reader saw [DONE] live before
-        # the writer stored it): nothing more will come, and its reconnect gets 204.
+        # the writer stored it): its reconnect gets 204.
         return True
 
 
