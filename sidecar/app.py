@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
@@ -37,6 +39,7 @@ from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, RunRegistry
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause
+from sidecar.tracing import exemplar, tracer_of, tracer_provider_from_env
 from sidecar.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class State:
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+TRACER = web.AppKey("tracer", Tracer)
 STATE = web.AppKey("state", State)
 REDIS = web.AppKey("redis", Redis)
 WRITER = web.AppKey("writer", Writer)
@@ -66,10 +70,13 @@ FOLLOWER = web.AppKey("follower", Follower)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application(middlewares=[_http_metrics])
+def create_app(
+    settings: Settings, *, metrics: Metrics | None = None, tracer: Tracer | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[_observe])
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
+    app[TRACER] = tracer if tracer is not None else trace.NoOpTracer()
     app[STATE] = State()
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_drain)
@@ -114,6 +121,7 @@ def create_admin_app(traffic: web.Application) -> web.Application:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     metrics = app[METRICS]
+    tracer = app[TRACER]
     # Bounded: 1,000 replay readers catching up at once share these connections instead of
     # opening 1,000. The follower's blocked read has one more connection of its own.
     pool = BlockingConnectionPool.from_url(
@@ -135,6 +143,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         max_stream_events=s.max_stream_events,
         lease_seconds=s.lease_seconds,
         command_timeout=s.redis_timeout_seconds,
+        tracer=tracer,
     )
     runs = RunRegistry(writer, s.lease_seconds)
     session = aiohttp.ClientSession(
@@ -153,6 +162,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         write_timeout=s.replay_write_timeout_seconds,
         ttl_seconds=s.stream_ttl_seconds,
         fill=s.dialect == "letta",
+        tracer=tracer,
     )
     authorizer = Authorizer(
         replay_token=s.replay_token.get_secret_value() if s.replay_token else None,
@@ -169,7 +179,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[RUNS] = runs
     app[CANCELS] = cancels
     app[FOLLOWER] = follower
-    proxy = Proxy(s, session, writer, runs, metrics, authorizer)
+    proxy = Proxy(s, session, writer, runs, metrics, authorizer, tracer)
     app[PROXY] = proxy
     app[API] = Api(
         redis,
@@ -221,21 +231,39 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 @web.middleware
-async def _http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per request: the server span (continuing the caller's trace) and the HTTP metrics."""
     metrics = request.app[METRICS]
     route = request.match_info.route.name or "other"
+    attributes = {"http.request.method": request.method, "url.path": request.path}
+    name = request.method  # proxied paths are unbounded: no route in the span name
+    resource = request.match_info.route.resource
+    if route not in ("proxy", "other") and resource is not None:
+        attributes["http.route"] = resource.canonical
+        name = f"{request.method} {resource.canonical}"
     started = time.perf_counter()
     code = 500
-    try:
-        resp = await handler(request)
-        code = resp.status
-        return resp
-    except web.HTTPException as exc:
-        code = exc.status
-        raise
-    finally:
-        metrics.http_requests.labels(route, request.method, str(code)).inc()
-        metrics.http_request_duration.labels(route).observe(time.perf_counter() - started)
+    with request.app[TRACER].start_as_current_span(
+        name,
+        context=propagate.extract(request.headers),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    ) as span:
+        try:
+            resp = await handler(request)
+            code = resp.status
+            return resp
+        except web.HTTPException as exc:
+            code = exc.status
+            raise
+        finally:
+            span.set_attribute("http.response.status_code", code)
+            if code >= 500:
+                span.set_status(StatusCode.ERROR)
+            metrics.http_requests.labels(route, request.method, str(code)).inc()
+            metrics.http_request_duration.labels(route).observe(
+                time.perf_counter() - started, exemplar(span)
+            )
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -273,7 +301,8 @@ async def _readyz(traffic: web.Application) -> web.Response:
 
 async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
     """Run the traffic and admin ports until SIGTERM or SIGINT, then shut down in order."""
-    app = create_app(settings, metrics=metrics)
+    provider = tracer_provider_from_env()
+    app = create_app(settings, metrics=metrics, tracer=tracer_of(provider))
     admin = create_admin_app(app)
     grace = settings.drain_seconds + FLUSH_DEADLINE_SECONDS + 5.0
     # handler_cancellation: a client that leaves cancels its handler, which is how a tee learns
@@ -308,4 +337,7 @@ async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
         app[STATE].draining = True
         await runner.cleanup()
         await admin_runner.cleanup()
+        if provider is not None:
+            # Export what is still batched: the spans of the shutdown itself included.
+            provider.shutdown()
         log.info("stopped")

@@ -21,6 +21,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 from yarl import URL
 
 from sidecar.auth import Authorizer
@@ -31,7 +33,8 @@ from sidecar.payload import parse_payload, render_event
 from sidecar.runs import RunRegistry, final_meta, new_producer_id
 from sidecar.sse import Comment, Event, SSEDecoder, encode_comment, encode_event
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause, Outcome, Status, Tracker, is_done
+from sidecar.terminal import EndCause, Outcome, Status, Tracker, Transition, is_done
+from sidecar.tracing import exemplar, trace_ids
 from sidecar.writer import RunStream, Writer
 
 log = logging.getLogger(__name__)
@@ -106,14 +109,17 @@ class Proxy:
         runs: RunRegistry,
         metrics: Metrics,
         authorizer: Authorizer,
+        tracer: Tracer,
     ) -> None:
         self._s = settings
         self._auth = authorizer
+        self._tracer = tracer
         self._session = session
         self._writer = writer
         self._runs = runs
         self._m = metrics
         self._base = URL(settings.upstream_url)
+        self._host = self._base.host or ""
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=settings.upstream_connect_timeout_seconds,
@@ -139,24 +145,38 @@ class Proxy:
                 413, "request_too_large", str(RequestTooLarge(self._s.max_request_bytes))
             )
         started = time.perf_counter()
-        try:
-            upstream = await self._session.request(
-                request.method,
-                self._upstream_url(request),
-                headers=self._request_headers(request),
-                data=self._body(request) if request.body_exists else None,
-                allow_redirects=False,
-                timeout=self._timeout,
-                auto_decompress=False,
-            )
-        except TimeoutError:
-            return json_error(504, "upstream_timeout", "the upstream did not answer in time")
-        except (aiohttp.ClientError, RequestTooLarge) as exc:
-            # aiohttp wraps what the body generator raised in a ClientOSError.
-            if isinstance(too_large := _cause(exc, RequestTooLarge), RequestTooLarge):
-                return json_error(413, "request_too_large", str(too_large))
-            log.warning("upstream request failed: %s", exc)
-            return json_error(502, "upstream_unreachable", f"cannot reach the upstream: {exc}")
+        headers = self._request_headers(request)
+        # The client span covers the request up to the upstream's response headers; a teed
+        # stream after that is the sse.run span.
+        with self._tracer.start_as_current_span(
+            request.method,
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": request.method, "server.address": self._host},
+        ) as span:
+            propagate.inject(headers)  # W3C traceparent: the upstream continues this trace
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    self._upstream_url(request),
+                    headers=headers,
+                    data=self._body(request) if request.body_exists else None,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                    auto_decompress=False,
+                )
+            except TimeoutError as exc:
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR)
+                return json_error(504, "upstream_timeout", "the upstream did not answer in time")
+            except (aiohttp.ClientError, RequestTooLarge) as exc:
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR)
+                # aiohttp wraps what the body generator raised in a ClientOSError.
+                if isinstance(too_large := _cause(exc, RequestTooLarge), RequestTooLarge):
+                    return json_error(413, "request_too_large", str(too_large))
+                log.warning("upstream request failed: %s", exc)
+                return json_error(502, "upstream_unreachable", f"cannot reach the upstream: {exc}")
+            span.set_attribute("http.response.status_code", upstream.status)
         if is_event_stream(upstream) and request.method != "HEAD":
             encoding = upstream.headers.get("Content-Encoding", "identity")
             decoder = _decompressor(encoding)
@@ -231,18 +251,28 @@ class Proxy:
         if run_id in self._runs:
             upstream.close()
             return json_error(409, "run_conflict", f"run {run_id!r} is already being produced")
-        now_ms = str(int(time.time() * 1000))
+        span = self._tracer.start_span(
+            "sse.run", kind=SpanKind.INTERNAL, attributes={"sse.run_id": run_id}
+        )
+        meta = {
+            "status": Status.RUNNING.value,
+            "created_ms": str(int(time.time() * 1000)),
+            "route": "proxy",
+        }
+        if (ids := trace_ids(span)) is not None:
+            meta["trace_id"] = ids[0]
         try:
             stream = await self._writer.open(
-                run_id,
-                new_producer_id(),
-                {"status": Status.RUNNING.value, "created_ms": now_ms, "route": "proxy"},
+                run_id, new_producer_id(), meta, span_context=span.get_span_context()
             )
         except RunConflict as exc:
             upstream.close()
+            span.set_status(StatusCode.ERROR, "run conflict")
+            span.end()
             return json_error(409, "run_conflict", str(exc), producer=exc.producer)
         except BaseException:
             upstream.close()
+            span.end()
             raise
         headers = end_to_end(upstream.headers)
         for name in (
@@ -268,6 +298,7 @@ class Proxy:
             upstream=upstream,
             decompressor=decompressor,
             started=started,
+            span=span,
         )
         self._m.runs_started.labels("proxy").inc()
         self._m.runs_active.inc()
@@ -277,7 +308,9 @@ class Proxy:
             tee.client_gone()
         else:
             tee.attach(resp)
-        task = asyncio.create_task(tee.run(), name=f"tee:{run_id}")
+        with trace.use_span(span, end_on_exit=False):
+            # Created inside: the tee's task runs (and logs) with sse.run as its current span.
+            task = asyncio.create_task(tee.run(), name=f"tee:{run_id}")
         tee.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -315,8 +348,11 @@ class Tee:
         upstream: aiohttp.ClientResponse,
         decompressor: Any | None,
         started: float,
+        span: Span,
     ) -> None:
         self._run_id = run_id
+        self._span = span
+        self._bytes = 0
         self._stream = stream
         self._writer = writer
         self._runs = runs
@@ -358,6 +394,7 @@ class Tee:
         self._client_left = True
         self._resp = None
         self._m.client_disconnects.inc()
+        self._span.add_event("client_disconnected", {"sse.seq": self._seq})
         log.info("client left mid-stream", extra={"run_id": self._run_id})
         if self._cancel_on_disconnect:
             self.cancel(EndCause.CANCELLED)
@@ -379,6 +416,8 @@ class Tee:
         except BaseException as exc:
             self._upstream.close()
             self._runs.remove(self)
+            self._span.record_exception(exc)
+            self._span.end()
             if not self.ended.done():
                 if isinstance(exc, asyncio.CancelledError):
                     self.ended.cancel()
@@ -475,11 +514,15 @@ class Tee:
                 continue
             if self._first_event_at is None:
                 self._first_event_at = time.perf_counter()
-                self._m.upstream_first_event.observe(self._first_event_at - self._started)
+                self._m.upstream_first_event.observe(
+                    self._first_event_at - self._started, exemplar(self._span)
+                )
             payload = parse_payload(item.data)
             meta: dict[str, str] | None = None
             for transition in self._tracker.observe(item, payload):
                 self._m.stream_transitions.labels(transition.value).inc()
+                if transition is not Transition.SAW_STOP_REASON:
+                    self._span.add_event(transition.value, {"sse.seq": self._seq + 1})
                 meta = meta or {}
                 if transition == "saw_stop_reason" and self._tracker.stop_reason is not None:
                     meta["stop_reason"] = self._tracker.stop_reason
@@ -517,6 +560,7 @@ class Tee:
         if final is not None:
             meta = {**(meta or {}), **final_meta(final)}
         self._writer.append(self._stream, seq, raw, complete=final is not None, meta=meta)
+        self._bytes += len(raw)
         self._m.stream_events.inc()
         self._m.stream_bytes.inc(len(raw))
         self._out.append(raw)
@@ -545,12 +589,29 @@ class Tee:
         self._m.runs_active.dec()
         self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label).inc()
         self._m.run_duration.labels(outcome.status.value).observe(
-            time.perf_counter() - self._started
+            time.perf_counter() - self._started, exemplar(self._span)
         )
+        self._span.set_attributes(
+            {
+                "sse.status": outcome.status.value,
+                "sse.stop_reason": outcome.stop_reason or "",
+                "sse.events": self._seq,
+                "sse.bytes": self._bytes,
+                "sse.forced_done": outcome.forced_done.value if outcome.forced_done else "",
+            }
+        )
+        if outcome.status is Status.FAILED:
+            self._span.set_status(StatusCode.ERROR, f"run {outcome.status.value}")
         if outcome.forced_done is None:
             log.debug("run finished: %s", outcome.status.value, extra={"run_id": self._run_id})
+            self._span.end()
             return
         self._m.forced_done.labels(outcome.forced_done.value).inc()
+        self._span.add_event(
+            "forced_done",
+            {"sse.reason": outcome.forced_done.value, "sse.detail": detail or ""},
+        )
+        self._span.end()
         log.warning(
             "run ended without the upstream's [DONE]: forced %s",
             outcome.forced_done.value,

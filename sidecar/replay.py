@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -29,6 +31,7 @@ from sidecar.runs import RunMeta, end_orphaned_run, read_meta
 from sidecar.sse import encode_comment, encode_event
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause
+from sidecar.tracing import exemplar
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,13 @@ class ReplayParams:
     starting_after: int = 0
     include_pings: bool = False
     batch_size: int = DEFAULT_BATCH
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What one replay stream has sent so far."""
+
+    events: int = 0
 
 
 class ReplayError(Exception):
@@ -127,7 +137,9 @@ class Replayer:
         write_timeout: float,
         ttl_seconds: int,
         fill: bool,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._redis = redis
         self._keys = keys
         self._follower = follower
@@ -196,12 +208,21 @@ class Replayer:
         self._m.replay_requests.labels("ok").inc()
         self._m.replay_active.inc()
         complete = False
-        try:
-            complete = await self._send_all(resp, meta, key, cursor, params)
-        except (ConnectionError, TimeoutError, RuntimeError, OSError, RedisError) as exc:
-            log.info("replay stream cut: %s", exc, extra={"run_id": run_id})
-        finally:
-            self._m.replay_active.dec()
+        with self._tracer.start_as_current_span(
+            "sse.replay",
+            attributes={"sse.run_id": run_id, "sse.cursor": cursor},
+        ) as span:
+            sent = _Sent()
+            try:
+                complete = await self._send_all(resp, meta, key, cursor, params, sent)
+            except (ConnectionError, TimeoutError, RuntimeError, OSError, RedisError) as exc:
+                span.record_exception(exc)
+                log.info("replay stream cut: %s", exc, extra={"run_id": run_id})
+            finally:
+                self._m.replay_active.dec()
+                span.set_attributes(
+                    {"sse.events": sent.events, "sse.outcome": "complete" if complete else "cut"}
+                )
         if complete:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await resp.write_eof()
@@ -218,6 +239,7 @@ class Replayer:
         key: str,
         cursor: int,
         params: ReplayParams,
+        sent: _Sent,
     ) -> bool:
         """Stream from history, then live; True when the stream ended cleanly (nothing more)."""
         run_id = RunId(meta.run_id)
@@ -226,7 +248,7 @@ class Replayer:
             entries = [parse_entry(entry_id, fields) for entry_id, fields in page]
             if entries:
                 cursor = entries[-1].seq
-                if await self._write(resp, entries, live=False):
+                if await self._write(resp, entries, sent, live=False):
                     return True
             if len(entries) < params.batch_size:
                 break
@@ -261,20 +283,25 @@ class Replayer:
                 entries = sub.take()
                 if entries:
                     cursor = entries[-1].seq
-                    if await self._write(resp, entries, live=True):
+                    if await self._write(resp, entries, sent, live=True):
                         return True
         finally:
             self._follower.unsubscribe(sub)
 
-    async def _write(self, resp: web.StreamResponse, entries: list[Entry], *, live: bool) -> bool:
+    async def _write(
+        self, resp: web.StreamResponse, entries: list[Entry], sent: _Sent, *, live: bool
+    ) -> bool:
         """Send entries; True once the run's last entry went out."""
         async with asyncio.timeout(self._write_timeout):
             await resp.write(b"".join(e.data for e in entries))
+        sent.events += len(entries)
         self._m.replay_events.inc(len(entries))
         if live:
             now_ms = time.time() * 1000
+            linked = exemplar()
             for e in entries:
-                self._m.replay_delivery_lag.observe(max(0.0, (now_ms - e.timestamp_ms) / 1000))
+                lag = max(0.0, (now_ms - e.timestamp_ms) / 1000)
+                self._m.replay_delivery_lag.observe(lag, linked)
         return entries[-1].complete
 
     async def _heartbeat_ping(

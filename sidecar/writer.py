@@ -27,12 +27,15 @@ from importlib import resources
 from itertools import islice
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode, Tracer
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from sidecar.errors import RunConflict
 from sidecar.keys import Keys, RunId
 from sidecar.telemetry import Metrics
+from sidecar.tracing import exemplar
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class RunStream:
     meta: dict[str, str] = field(default_factory=dict)  # fields newer than no pending event
     inflight: int = 0  # events at the head of ``events`` that a round trip is carrying now
     written_seq: int = 0  # the last seq Redis confirmed
+    span_context: SpanContext | None = None  # the run's sse.run span, for flush span links
     pending_bytes: int = 0
     dropped: str | None = None  # why this run's events are no longer stored, once they are not
     fenced: bool = False  # nothing of this run can be written any more, meta included
@@ -94,6 +98,7 @@ class Writer:
         max_stream_events: int = 100000,
         lease_seconds: float = 30.0,
         command_timeout: float = 2.0,
+        tracer: Tracer | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -104,6 +109,7 @@ class Writer:
         self._maxlen = str(max_stream_events)
         self._lease_ms = str(int(lease_seconds * 1000))
         self._timeout = command_timeout
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._dirty: OrderedDict[RunStream, None] = OrderedDict()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -153,14 +159,26 @@ class Writer:
 
     # -- producer API ------------------------------------------------------------------------
 
-    async def open(self, run_id: RunId, producer: str, meta: Mapping[str, str]) -> RunStream:
+    async def open(
+        self,
+        run_id: RunId,
+        producer: str,
+        meta: Mapping[str, str],
+        span_context: SpanContext | None = None,
+    ) -> RunStream:
         """Claim ``run_id`` for ``producer`` and write its initial meta in one round trip.
 
         Raises ``RunConflict`` when another producer holds a live lease on the run. When Redis
         cannot be reached the run is still opened: the claim travels with its first write, so a
         Redis outage never blocks the live stream.
         """
-        run = RunStream(run_id, producer, self._keys.stream(run_id), self._keys.meta(run_id))
+        run = RunStream(
+            run_id,
+            producer,
+            self._keys.stream(run_id),
+            self._keys.meta(run_id),
+            span_context=span_context,
+        )
         try:
             reply = await asyncio.wait_for(
                 self._call_script(run, claim=True, meta=meta, events=()), self._timeout
@@ -306,6 +324,31 @@ class Writer:
             if budget <= 0:
                 break
         n_events = sum(n for _, n, _ in batch)
+        links = [Link(run.span_context) for run, _, _ in batch if run.span_context is not None]
+        with self._tracer.start_as_current_span(
+            "sse.flush",
+            kind=SpanKind.CLIENT,
+            links=links,
+            attributes={"sse.flush.events": n_events, "sse.flush.runs": len(batch)},
+        ) as span:
+            outcome = await self._send(batch, span)
+            span.set_attribute("sse.flush.outcome", outcome)
+            if outcome != "ok":
+                span.set_status(StatusCode.ERROR)
+        self._m.flushes.labels("ok" if outcome == "ok" else "error").inc()
+        if outcome == "ok":
+            return True
+        if outcome == "noscript":
+            # Redis restarted (or SCRIPT FLUSH): load the script, then retry at once.
+            try:
+                await self._redis.script_load(APPEND_SCRIPT)
+            except (redis_errors.RedisError, OSError):
+                return False
+            return True
+        return False
+
+    async def _send(self, batch: list[tuple[RunStream, int, dict[str, str]]], span: Span) -> str:
+        """The round trip itself; its outcome: ok, noscript, error (retry after backoff)."""
         started = time.perf_counter()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -320,33 +363,25 @@ class Writer:
         except (redis_errors.RedisError, OSError) as exc:
             for run, _, _ in batch:
                 run.inflight = 0
-            self._m.flushes.labels("error").inc()
             self._m.redis_errors.labels("flush").inc()
+            span.record_exception(exc)
             log.warning("writer round trip failed, will retry: %s", exc)
-            return False
-        self._m.flush_duration.observe(time.perf_counter() - started)
-        self._m.flush_batch_events.observe(n_events)
-        ok = True
-        reload_script = False
+            return "error"
+        self._m.flush_duration.observe(time.perf_counter() - started, exemplar(span))
+        self._m.flush_batch_events.observe(sum(n for _, n, _ in batch))
+        outcome = "ok"
         for (run, n, meta), reply in zip(batch, replies, strict=True):
             if isinstance(reply, redis_errors.NoScriptError):
                 run.inflight = 0
-                reload_script = True
+                outcome = "noscript" if outcome == "ok" else outcome
             elif isinstance(reply, Exception):
-                ok = False
                 run.inflight = 0
+                outcome = "error"
                 self._script_failed(run, reply)
             else:
                 self._settle(run, n, meta, reply)
-        self._m.flushes.labels("ok" if ok and not reload_script else "error").inc()
         self._after_change()
-        if reload_script:
-            # Redis restarted (or SCRIPT FLUSH): load the script, then retry at once.
-            try:
-                await self._redis.script_load(APPEND_SCRIPT)
-            except (redis_errors.RedisError, OSError):
-                return False
-        return ok
+        return outcome
 
     def _settle(self, run: RunStream, n: int, standalone: dict[str, str], reply: Any) -> None:
         code = int(reply[0])

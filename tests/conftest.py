@@ -17,6 +17,7 @@ import pytest
 import redis
 import redis.asyncio
 from aiohttp import web
+from opentelemetry.trace import Tracer
 
 from sidecar.app import RUNS, WRITER, create_admin_app, create_app
 from sidecar.config import Settings
@@ -256,7 +257,7 @@ async def make_sidecar(
 ) -> AsyncIterator[SidecarFactory]:
     started: list[Sidecar] = []
 
-    async def make(**overrides: Any) -> Sidecar:
+    async def make(*, tracer: Tracer | None = None, **overrides: Any) -> Sidecar:
         values: dict[str, Any] = {
             "upstream_url": upstream.url,
             "redis_url": redis_server.url,
@@ -269,7 +270,7 @@ async def make_sidecar(
         values.update(overrides)
         settings = Settings(**values)
         metrics = Metrics()
-        app = create_app(settings, metrics=metrics)
+        app = create_app(settings, metrics=metrics, tracer=tracer)
         admin = create_admin_app(app)
         runner = web.AppRunner(
             app, shutdown_timeout=5.0, access_log=None, handler_cancellation=True
