@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools
+SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
 
 .PHONY: run test pytest lint format setup system-deps clean
 

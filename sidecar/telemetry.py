@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from sidecar import __version__
+from sidecar.terminal import ForcedDone, Status, Transition
 from sidecar.tracing import trace_ids
 
 PREFIX = "sse_sidecar_"
@@ -28,6 +29,20 @@ _RUN_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.
 # Replay lag: 10 ms is the live-tail SLO threshold, so it is a bucket boundary.
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
+
+
+# Every outcome label of replay_requests_total (README documents each).
+REPLAY_OUTCOMES = (
+    "ok",
+    "no_content",
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "gone",
+    "unavailable",
+    "slow_reader",
+)
 
 
 class Metrics:
@@ -157,6 +172,26 @@ class Metrics:
         )
         self.build_info = Info(p + "build", "Version of the running sidecar.", registry=r)
         self.build_info.info({"version": __version__})
+        self._zero_known_series()
+
+    def _zero_known_series(self) -> None:
+        """Create the series of every known label value at 0, so that a dashboard panel or an
+        alert shows 0 (not "no data") until the first such event, and rate() sees its start."""
+        for reason in ForcedDone:
+            self.forced_done.labels(reason.value)
+        for transition in Transition:
+            self.stream_transitions.labels(transition.value)
+        for outcome in ("ok", "error"):
+            self.flushes.labels(outcome)
+        for dropped in ("overflow", "conflict", "fenced", "gap", "redis_rejected", "shutdown"):
+            self.writer_dropped_events.labels(dropped)
+        for operation in ("claim", "flush", "append", "follow", "replay", "api"):
+            self.redis_errors.labels(operation)
+        for outcome in REPLAY_OUTCOMES:
+            self.replay_requests.labels(outcome)
+        self.runs_started.labels("proxy")
+        for status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
+            self.run_duration.labels(status.value)
 
 
 _STANDARD_ATTRS = frozenset(
