@@ -68,6 +68,8 @@ CANCELS = web.AppKey("cancels", CancelListener)
 FOLLOWER = web.AppKey("follower", Follower)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The status line a response sent, kept on its request for when the handler is cancelled later.
+STATUS_SENT = web.RequestKey("status_sent", int)
 
 
 def create_app(
@@ -79,6 +81,7 @@ def create_app(
     app[TRACER] = tracer if tracer is not None else trace.NoOpTracer()
     app[STATE] = State()
     app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(_remember_status)
     app.on_shutdown.append(_drain)
     for method, path, attr, name in ROUTES:
         app.router.add_route(method, path, _api_handler(attr), name=name)
@@ -87,6 +90,10 @@ def create_app(
     app.router.add_route("*", "/sidecar/{tail:.*}", _unknown_sidecar_route, name="sidecar_other")
     app.router.add_route("*", "/{tail:.*}", _proxy, name="proxy")
     return app
+
+
+async def _remember_status(request: web.Request, response: web.StreamResponse) -> None:
+    request[STATUS_SENT] = response.status
 
 
 async def _unknown_sidecar_route(request: web.Request) -> web.StreamResponse:
@@ -255,6 +262,10 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             return resp
         except web.HTTPException as exc:
             code = exc.status
+            raise
+        except asyncio.CancelledError:
+            # The client left: what it was sent (if anything) is the status, not an error.
+            code = request.get(STATUS_SENT, 499)
             raise
         finally:
             span.set_attribute("http.response.status_code", code)

@@ -36,9 +36,8 @@ def tracer_provider_from_env(
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
+    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    endpoint = traces_endpoint or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not endpoint:
         return None
     protocol = (
@@ -50,18 +49,29 @@ def tracer_provider_from_env(
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter()
+        exporter = OTLPSpanExporter(endpoint=endpoint)
     elif protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HTTPSpanExporter,
         )
 
-        exporter = HTTPSpanExporter()
+        # The generic endpoint is a base URL the signal's path is appended to (OTLP spec).
+        url = traces_endpoint or endpoint.rstrip("/") + "/v1/traces"
+        exporter = HTTPSpanExporter(endpoint=url)
     else:
         raise ValueError(
             f"OTEL_EXPORTER_OTLP_PROTOCOL must be http/protobuf or grpc, got {protocol!r}"
         )
-    resource = Resource.create({"service.name": "sse-sidecar", "service.version": __version__})
+    attributes = {"service.version": __version__}
+    # Resource.create reads the process environment for OTEL_SERVICE_NAME and
+    # OTEL_RESOURCE_ATTRIBUTES; our name is only a default for when neither names the service.
+    named = any(
+        e.get("OTEL_SERVICE_NAME") or "service.name=" in e.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        for e in (env, os.environ)
+    )
+    if not named:
+        attributes["service.name"] = "sse-sidecar"
+    resource = Resource.create(attributes)
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider

@@ -120,6 +120,17 @@ def samples(registry: Any, name: str) -> dict[tuple[tuple[str, str], ...], float
     return out
 
 
+def nonzero(values: dict[tuple[tuple[str, str], ...], float]) -> dict[Any, float]:
+    """Samples without the series the sidecar creates at 0 for every known label value."""
+    return {labels: value for labels, value in values.items() if value}
+
+
+def replay_outcomes(registry: Any) -> dict[str, float]:
+    """``sse_sidecar_replay_requests_total`` by outcome, only the outcomes that occurred."""
+    found = nonzero(samples(registry, "sse_sidecar_replay_requests_total"))
+    return {dict(labels)["outcome"]: value for labels, value in found.items()}
+
+
 async def redis_keys(client: redis.asyncio.Redis) -> list[str]:
     """Every key in the test Redis, sorted."""
     return sorted(_s(k) for k in await client.keys("*"))

@@ -33,7 +33,7 @@ from tests.functional.helpers import (
     meta,
     read_until_bytes,
     redis_keys,
-    samples,
+    replay_outcomes,
     split_events,
     stop,
     stored,
@@ -62,9 +62,7 @@ def stream_path(run_id: str) -> str:
 
 
 def outcomes(sc: Sidecar) -> dict[str, float]:
-    """``replay_requests_total`` by outcome (only the outcomes that occurred)."""
-    found = samples(sc.metrics.registry, P + "replay_requests_total")
-    return {dict(labels)["outcome"]: value for labels, value in found.items()}
+    return replay_outcomes(sc.metrics.registry)
 
 
 def error_body(view: ClientView) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tests.functional.helpers import (
     ClientView,
     LiveReader,
     meta,
-    samples,
+    replay_outcomes,
     stop,
     stored,
     stream,
@@ -38,8 +38,7 @@ STEPS: list[Step] = [token("a"), token("b"), stop("end_turn"), DONE]
 
 
 def outcomes(sc: Sidecar) -> dict[str, float]:
-    found = samples(sc.metrics.registry, P + "replay_requests_total")
-    return {dict(labels)["outcome"]: value for labels, value in found.items()}
+    return replay_outcomes(sc.metrics.registry)
 
 
 def routes(run_id: str) -> list[tuple[str, str]]:

@@ -26,6 +26,7 @@ from tests.functional.helpers import (
     data,
     error,
     meta,
+    nonzero,
     payloads,
     read_events,
     samples,
@@ -116,13 +117,13 @@ async def check_run(
     assert m["forced_done"] == (forced_done or "")
     assert m["last_seq"] == str(n)
     assert int(m["created_ms"]) <= int(m["finished_ms"]) <= int(m["updated_ms"]) <= now_ms
-    forced = samples(sc.metrics.registry, FORCED)
+    forced = nonzero(samples(sc.metrics.registry, FORCED))
     if forced_done is None:
         assert forced == {}
     else:
         assert forced == {(("reason", forced_done),): 1.0}
     label = stop_label if stop_label is not None else (stop_reason or "none")
-    assert samples(sc.metrics.registry, FINISHED) == {
+    assert nonzero(samples(sc.metrics.registry, FINISHED)) == {
         (("status", status), ("stop_reason", label)): 1.0
     }
     assert sc.metric("sse_sidecar_runs_active") == 0
@@ -159,7 +160,7 @@ async def test_natural_done(
         forced_done=None,
         live=view.body,
     )
-    assert samples(sc.metrics.registry, TRANSITIONS) == {
+    assert nonzero(samples(sc.metrics.registry, TRANSITIONS)) == {
         (("transition", "saw_stop_reason"),): 1.0,
         (("transition", "saw_done"),): 1.0,
     }
@@ -219,7 +220,9 @@ async def test_error_without_done_appends_done_and_fails(
     )
     stored_error = json.loads((await meta(redis_client, r))["error"])
     assert {k: stored_error[k] for k in up_error} == up_error
-    assert samples(sc.metrics.registry, TRANSITIONS) == {(("transition", "saw_error"),): 1.0}
+    assert nonzero(samples(sc.metrics.registry, TRANSITIONS)) == {
+        (("transition", "saw_error"),): 1.0
+    }
 
 
 async def test_clean_eof_without_terminal_is_stream_incomplete(
@@ -383,7 +386,7 @@ async def test_stop_reason_error_then_error_event_then_done_is_a_natural_end(
         forced_done=None,
         live=view.body,
     )
-    assert samples(sc.metrics.registry, FORCED) == {}
+    assert nonzero(samples(sc.metrics.registry, FORCED)) == {}
     assert sc.metric(TRANSITIONS, transition="saw_done_after_error") == 1
     assert sc.metric(TRANSITIONS, transition="saw_error") == 1
     assert sc.metric(TRANSITIONS, transition="saw_done") == 1
