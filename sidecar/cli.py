@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 
 from sidecar import __version__
-from sidecar.config import ENV_PREFIX, Settings
+from sidecar.config import ENV_PREFIX, Settings, service_link_hint, unknown_env_vars
 
 
 def _choices(annotation: Any) -> list[str] | None:
@@ -86,11 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings_from_args(args)
         except ValidationError as exc:
             print(f"sse-sidecar: invalid settings:\n{exc}", file=sys.stderr)
+            if (hint := service_link_hint(os.environ)) is not None:
+                print(f"hint: {hint}", file=sys.stderr)
             return 2
         from sidecar.app import serve
         from sidecar.telemetry import configure_logging
 
         configure_logging(settings.log_format, settings.log_level)
+        for name in unknown_env_vars(os.environ):
+            logging.getLogger("sidecar").warning(
+                "ignoring %s: no such setting (see sse-sidecar serve --help)", name
+            )
         asyncio.run(serve(settings))
         return 0
     if args.command == "demo-upstream":

@@ -6,6 +6,7 @@ Each field is an ``SSE_SIDECAR_<NAME>`` environment variable and a ``--<name>`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -136,8 +137,36 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("replay_token", "signing_key")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty secret (a Secret key set to "") would silently turn auth off.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty: unset it to turn this auth off")
+        return value
+
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:
         if self.port and self.port == self.admin_port:
             raise ValueError("port and admin_port must differ")
         return self
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """``SSE_SIDECAR_*`` variables that name no setting (a typo is otherwise silently ignored)."""
+    return sorted(
+        key
+        for key in environ
+        if key.startswith(ENV_PREFIX)
+        and key[len(ENV_PREFIX) :].lower() not in Settings.model_fields
+    )
+
+
+def service_link_hint(environ: Mapping[str, str]) -> str | None:
+    """Kubernetes injects ``<SERVICE>_PORT=tcp://...`` for a Service named sse-sidecar."""
+    if environ.get(ENV_PREFIX + "PORT", "").startswith("tcp://"):
+        return (
+            f"{ENV_PREFIX}PORT={environ[ENV_PREFIX + 'PORT']!r} looks like a Kubernetes service "
+            "link: set enableServiceLinks: false on the pod, or set SSE_SIDECAR_PORT explicitly"
+        )
+    return None

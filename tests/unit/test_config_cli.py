@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.cli import build_parser, main, settings_from_args
-from sidecar.config import ENV_PREFIX, Settings
+from sidecar.config import ENV_PREFIX, Settings, service_link_hint, unknown_env_vars
 
 
 def test_help_lists_every_setting_with_its_env_var_and_default(
@@ -70,3 +70,24 @@ def test_choice_settings_are_checked_by_the_parser(capsys: pytest.CaptureFixture
 def test_same_traffic_and_admin_port_is_refused() -> None:
     with pytest.raises(ValueError, match="must differ"):
         Settings(port=8080, admin_port=8080)
+
+
+def test_an_empty_secret_is_refused_instead_of_turning_auth_off() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        Settings(replay_token="")
+    with pytest.raises(ValueError, match="must not be empty"):
+        Settings(signing_key="  ")
+
+
+def test_misspelt_env_vars_are_reported() -> None:
+    env = {"SSE_SIDECAR_REDIS_URL": "redis://x", "SSE_SIDECAR_REDIS_ULR": "redis://y", "HOME": "/"}
+    assert unknown_env_vars(env) == ["SSE_SIDECAR_REDIS_ULR"]
+
+
+def test_a_kubernetes_service_link_gets_a_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SSE_SIDECAR_PORT", "tcp://10.0.0.1:8080")
+    assert main(["serve"]) == 2
+    assert "enableServiceLinks: false" in capsys.readouterr().err
+    assert service_link_hint({"SSE_SIDECAR_PORT": "8080"}) is None
