@@ -291,7 +291,9 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(traffic: web.Application) -> web.Response:
-    problems: list[str] = []
+    problems: list[str] = []  # any of these: not ready
+    degraded: list[str] = []  # these only when ready_without_redis is set
+    settings = traffic[SETTINGS]
     if traffic[STATE].draining:
         problems.append("draining")
     writer = traffic.get(WRITER)
@@ -299,14 +301,18 @@ async def _readyz(traffic: web.Application) -> web.Response:
     if writer is None or redis is None:
         problems.append("starting")
     else:
-        if writer.pending_bytes > 0.8 * traffic[SETTINGS].writer_max_bytes:
-            problems.append("writer backlog above 80% of writer_max_bytes")
+        storage: list[str] = []
+        if writer.pending_bytes > 0.8 * settings.writer_max_bytes:
+            storage.append("writer backlog above 80% of writer_max_bytes")
         try:
-            await asyncio.wait_for(redis.ping(), traffic[SETTINGS].redis_timeout_seconds)
+            await asyncio.wait_for(redis.ping(), settings.redis_timeout_seconds)
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
-            problems.append(f"redis unreachable: {exc}")
+            storage.append(f"redis unreachable: {exc}")
+        (degraded if settings.ready_without_redis else problems).extend(storage)
     if problems:
         return web.json_response({"status": "unready", "problems": problems}, status=503)
+    if degraded:
+        return web.json_response({"status": "degraded", "problems": degraded})
     return web.json_response({"status": "ready"})
 
 

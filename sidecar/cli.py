@@ -28,6 +28,14 @@ def _choices(annotation: Any) -> list[str] | None:
     return None
 
 
+def _metavar(name: str, annotation: Any) -> str | None:
+    if _choices(annotation):
+        return None  # argparse shows the choices
+    if annotation is bool:
+        return "{true,false}"
+    return name.split("_")[-1].upper()
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         env = ENV_PREFIX + name.upper()
@@ -40,7 +48,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             default=argparse.SUPPRESS,
             choices=_choices(field.annotation),
-            metavar=None if _choices(field.annotation) else name.split("_")[-1].upper(),
+            metavar=_metavar(name, field.annotation),
             help=f"{field.description} (env {env}; default: {shown})",
         )
 

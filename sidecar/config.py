@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         8, ge=2, description="Pool size for writes, claims and catch-up reads (plus 2 fixed)."
     )
+    ready_without_redis: bool = Field(
+        False,
+        description="Stay ready (take traffic) while Redis is unreachable or the writer backlog "
+        "is high: streams go on, their events buffered up to writer_max_bytes.",
+    )
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest log level written."

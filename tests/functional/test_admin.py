@@ -297,3 +297,24 @@ async def test_one_stream_per_terminal_row_gives_exact_counters(
         label for ((_, label),) in samples(registry, "sse_sidecar_stream_transitions_total")
     }
     assert sc.metric("sse_sidecar_upstream_first_event_seconds_count") == 5
+
+
+async def test_ready_without_redis_reports_degraded_instead_of_unready(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    strict = await make_sidecar(redis_url=dead, redis_timeout_seconds=0.3)
+    lenient = await make_sidecar(
+        redis_url=dead, redis_timeout_seconds=0.3, ready_without_redis=True
+    )
+    async with http.get(strict.admin_url + "/readyz") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["status"] == "unready"
+    async with http.get(lenient.admin_url + "/readyz") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["status"] == "degraded"
+    assert any(p.startswith("redis unreachable") for p in body["problems"])
+    lenient.app[STATE].draining = True
+    async with http.get(lenient.admin_url + "/readyz") as resp:
+        assert resp.status == 503
