@@ -216,6 +216,11 @@ class Follower:
             if not subs:
                 continue
             parsed = [parse_entry(entry_id, fields) for entry_id, fields in entries]
+            read_from = positions.get(key, 0)
             for sub in list(subs):
+                # A reader that subscribed while this read was in flight, from an older cursor,
+                # is not covered by it (the next read is): offering it these would look like a gap.
+                if sub.cursor < read_from:
+                    continue
                 for entry in parsed:
                     sub.offer(entry)

@@ -353,6 +353,8 @@ class Tee:
         self._run_id = run_id
         self._span = span
         self._bytes = 0
+        self._counted_events = 0
+        self._counted_bytes = 0
         self._stream = stream
         self._writer = writer
         self._runs = runs
@@ -561,11 +563,14 @@ class Tee:
             meta = {**(meta or {}), **final_meta(final)}
         self._writer.append(self._stream, seq, raw, complete=final is not None, meta=meta)
         self._bytes += len(raw)
-        self._m.stream_events.inc()
-        self._m.stream_bytes.inc(len(raw))
         self._out.append(raw)
 
     async def _flush_client(self) -> None:
+        # Counted per upstream chunk, not per event: a metric update takes a lock.
+        if (events := self._seq - self._counted_events) > 0:
+            self._m.stream_events.inc(events)
+            self._m.stream_bytes.inc(self._bytes - self._counted_bytes)
+            self._counted_events, self._counted_bytes = self._seq, self._bytes
         if not self._out:
             return
         out = b"".join(self._out) if len(self._out) > 1 else self._out[0]

@@ -118,6 +118,9 @@ class Writer:
         self._pending_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self._backoff = BACKOFF_START
+        # Read at scrape time: setting a gauge on every append would take a lock per event.
+        metrics.writer_pending_events.set_function(lambda: self._pending_events)
+        metrics.writer_pending_bytes.set_function(lambda: self._pending_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -229,8 +232,6 @@ class Writer:
         run.pending_bytes += len(data)
         self._pending_events += 1
         self._pending_bytes += len(data)
-        self._m.writer_pending_events.set(self._pending_events)
-        self._m.writer_pending_bytes.set(self._pending_bytes)
         self._mark_dirty(run)
         return True
 
@@ -293,8 +294,6 @@ class Writer:
         self._after_change()
 
     def _after_change(self) -> None:
-        self._m.writer_pending_events.set(self._pending_events)
-        self._m.writer_pending_bytes.set(self._pending_bytes)
         if not self._dirty:
             self._idle.set()
 
