@@ -149,10 +149,6 @@ class Follower:
             if not subs:
                 del self._subs[sub.key]
 
-    @property
-    def followed_keys(self) -> int:
-        return len(self._subs)
-
     def close_subscriptions(self) -> None:
         """At shutdown: wake every reader so that it ends its response now."""
         self._closing = True

@@ -590,7 +590,6 @@ class Tee:
         for i, synth in enumerate(outcome.synthesized):
             self._emit(synth.data, synth.event, None, None, final=outcome if i == last else None)
         await self._flush_client()
-        self._writer.release(self._stream)
         self._m.runs_active.dec()
         self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label).inc()
         self._m.run_duration.labels(outcome.status.value).observe(

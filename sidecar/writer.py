@@ -65,7 +65,7 @@ class Pending:
 
 @dataclass(eq=False, slots=True)
 class RunStream:
-    """The writer's view of one run. Created by ``Writer.open``; ``release`` when it ended."""
+    """The writer's view of one run, created by ``Writer.open``; dropped once fully written."""
 
     run_id: RunId
     producer: str
@@ -80,9 +80,7 @@ class RunStream:
     pending_bytes: int = 0
     dropped: str | None = None  # why this run's events are no longer stored, once they are not
     fenced: bool = False  # nothing of this run can be written any more, meta included
-    released: bool = False
     failures: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Writer:
@@ -243,12 +241,6 @@ class Writer:
             self._add_meta(run, meta)
         self._mark_dirty(run)
 
-    def release(self, run: RunStream) -> None:
-        """The run ended: forget it once its last events are written."""
-        run.released = True
-        if run not in self._dirty:
-            run.drained.set()
-
     # -- internals ---------------------------------------------------------------------------
 
     def _add_meta(self, run: RunStream, meta: Mapping[str, str]) -> None:
@@ -273,7 +265,6 @@ class Writer:
     def _mark_dirty(self, run: RunStream) -> None:
         if run not in self._dirty:
             self._dirty[run] = None
-            run.drained.clear()
         self._idle.clear()
         self._wake.set()
 
@@ -290,7 +281,6 @@ class Writer:
         run.meta.clear()
         run.dropped = run.dropped or reason
         self._dirty.pop(run, None)
-        run.drained.set()
         self._after_change()
 
     def _after_change(self) -> None:
@@ -402,7 +392,6 @@ class Writer:
                     del run.meta[key]
             if not run.events and not run.meta:
                 self._dirty.pop(run, None)
-                run.drained.set()
             return
         holder = redis_text(reply[1])
         reason = _FATAL.get(code, "redis_rejected")
