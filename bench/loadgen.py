@@ -391,8 +391,6 @@ async def writer_alone(*, redis_url: str, runs: int, n: int, prefix: str) -> dic
         await writer.flush(60)
         elapsed = clock.elapsed()
         flushes = _counter(metrics, "sse_sidecar_flushes_total", {"outcome": "ok"}) - flushes0
-        for s in streams_:
-            writer.release(s)
         stored = 0
         async with redis.pipeline(transaction=False) as pipe:
             for s in streams_:
@@ -434,7 +432,6 @@ async def make_runs(*, redis_url: str, run_ids: list[str], lease_s: float) -> di
         )
         for stream in streams_:
             writer.append(stream, 1, token_event(b"idle", b"hello", now_us(), NULL_IDS))
-            writer.release(stream)
         ok = await writer.flush(60)
         return {"runs": len(run_ids), "flushed": ok}
     finally:

@@ -12,7 +12,6 @@ follower interrupts it with ``CLIENT UNBLOCK`` and blocks again with the new set
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import deque
@@ -22,6 +21,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from sidecar.background import Background
 from sidecar.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -118,19 +118,14 @@ class Follower:
         self._blocked_id: int | None = None
         self._blocking = False
         self._unblocking = False
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("sse-follower", self._loop)
         self._closing = False
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="sse-follower")
+        self._background.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
         await self._blocker.aclose()
 
     def subscribe(self, key: str, cursor: int, max_bytes: int) -> Subscription:

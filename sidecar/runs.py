@@ -24,6 +24,7 @@ import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from sidecar.background import Background
 from sidecar.keys import Keys, RunId, validate_run_id
 from sidecar.payload import render_event
 from sidecar.terminal import EndCause, Outcome, Tracker
@@ -31,6 +32,8 @@ from sidecar.writer import RunStream, Writer, redis_text
 
 log = logging.getLogger(__name__)
 
+# How long one wait for a cancel message lasts (a socket read, not a Redis command).
+LISTEN_POLL_SECONDS = 1.0
 FINALIZE_SCRIPT = resources.files("sidecar").joinpath("finalize.lua").read_text()
 
 INSTANCE_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -124,7 +127,7 @@ class RunRegistry:
         self._writer = writer
         self._lease_seconds = lease_seconds
         self._runs: dict[str, ActiveRun] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("sse-leases", self._renew_leases)
 
     def __contains__(self, run_id: str) -> bool:
         return run_id in self._runs
@@ -146,15 +149,10 @@ class RunRegistry:
             del self._runs[run.run_id]
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._renew_leases(), name="sse-leases")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
 
     async def _renew_leases(self) -> None:
         # Three renewals per lease: a run survives two lost round trips before it looks dead.
@@ -249,19 +247,14 @@ class CancelListener:
         self._redis = redis
         self._channel = channel
         self._registry = registry
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("sse-cancel-listener", self._loop)
         self.subscribed = asyncio.Event()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="sse-cancel-listener")
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
 
     async def _loop(self) -> None:
         backoff = 0.05
@@ -271,8 +264,14 @@ class CancelListener:
                 await pubsub.subscribe(self._channel)
                 self.subscribed.set()
                 backoff = 0.05
-                async for message in pubsub.listen():
-                    self._cancel(redis_text(message.get("data", b"")))
+                while True:
+                    # get_message with a timeout, not listen(): listen() can swallow the
+                    # cancellation that stops this task (redis-py 8), hanging shutdown.
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS
+                    )
+                    if message is not None:
+                        self._cancel(redis_text(message.get("data", b"")))
             except (redis_errors.RedisError, OSError) as exc:
                 self.subscribed.clear()
                 log.warning("cancel subscription lost, resubscribing: %s", exc)

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from sidecar import __version__
-from sidecar.terminal import ForcedDone, Status, Transition
+from sidecar.terminal import STOP_REASON_STATUS, ForcedDone, Status, Transition
 from sidecar.tracing import trace_ids
 
 PREFIX = "sse_sidecar_"
@@ -190,6 +190,17 @@ class Metrics:
         for outcome in REPLAY_OUTCOMES:
             self.replay_requests.labels(outcome)
         self.runs_started.labels("proxy")
+        # Without these, the first run of each kind after a restart is invisible to increase(),
+        # while its forced_done (pre-created above) is not: the forced ratio would spike.
+        for stop_reason, status in STOP_REASON_STATUS.items():
+            self.runs_finished.labels(status.value, stop_reason)
+        for status, label in (
+            (Status.FAILED, "none"),
+            (Status.COMPLETED, "none"),
+            (Status.COMPLETED, "other"),
+            (Status.FAILED, "other"),
+        ):
+            self.runs_finished.labels(status.value, label)
         for status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
             self.run_duration.labels(status.value)
 

@@ -15,7 +15,6 @@ meta so that readers get an explicit error instead of a silent hole.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
@@ -32,6 +31,7 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode, T
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from sidecar.background import Background
 from sidecar.errors import RunConflict
 from sidecar.keys import Keys, RunId
 from sidecar.telemetry import Metrics
@@ -114,7 +114,7 @@ class Writer:
         self._idle.set()
         self._pending_events = 0
         self._pending_bytes = 0
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("sse-writer", self._loop)
         self._backoff = BACKOFF_START
         # Read at scrape time: setting a gauge on every append would take a lock per event.
         metrics.writer_pending_events.set_function(lambda: self._pending_events)
@@ -123,17 +123,12 @@ class Writer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="sse-writer")
+        self._background.start()
 
     async def close(self, timeout: float) -> bool:
         """Flush what is buffered within ``timeout`` seconds, then stop; True if all was written."""
         flushed = await self.flush(timeout)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.stop()
         if not flushed:
             lost = self._pending_events
             log.error("writer stopped with %d events unwritten", lost, extra={"lost_events": lost})

@@ -28,6 +28,7 @@ from tests.functional.helpers import (
     data,
     error,
     eventually,
+    nonzero,
     samples,
     stop,
     stream,
@@ -277,7 +278,7 @@ async def test_one_stream_per_terminal_row_gives_exact_counters(
         (("reason", "stream_incomplete"),): 1.0,
         (("reason", "upstream_error"),): 1.0,
     }
-    assert samples(registry, "sse_sidecar_runs_finished_total") == {
+    assert nonzero(samples(registry, "sse_sidecar_runs_finished_total")) == {
         (("status", "completed"), ("stop_reason", "end_turn")): 2.0,
         (("status", "failed"), ("stop_reason", "none")): 1.0,
         (("status", "failed"), ("stop_reason", "error")): 2.0,
