@@ -352,23 +352,22 @@ async def writer_alone(*, redis_url: str, runs: int, n: int, prefix: str) -> dic
     read would bring), yielding to the loop between batches and waiting while more than two
     round trips' worth of events are buffered (the writer would otherwise just queue).
     """
-    from redis.asyncio import BlockingConnectionPool, Redis
-
     from bench.common import NULL_IDS, WORDS, token_event
     from sidecar.keys import Keys, RunId
+    from sidecar.store import RunStore
     from sidecar.telemetry import Metrics
     from sidecar.writer import Writer
 
-    pool = BlockingConnectionPool.from_url(redis_url, max_connections=8)
-    redis = Redis(connection_pool=pool)
+    store = RunStore(redis_url, Keys())
     metrics = Metrics()
-    writer = Writer(redis, Keys(), metrics)
+    writer = Writer(store, metrics)
     writer.start()
     try:
         streams_ = [
-            await writer.open(RunId(f"{prefix}-{i}"), f"bench-{i}", {"status": "running"})
+            writer.open(RunId(f"{prefix}-{i}"), f"bench-{i}", {"status": "running"})
             for i in range(runs)
         ]
+        await writer.flush(60)
         limit = 2 * 512
 
         async def produce(i: int) -> None:
@@ -391,11 +390,7 @@ async def writer_alone(*, redis_url: str, runs: int, n: int, prefix: str) -> dic
         await writer.flush(60)
         elapsed = clock.elapsed()
         flushes = _counter(metrics, "sse_sidecar_flushes_total", {"outcome": "ok"}) - flushes0
-        stored = 0
-        async with redis.pipeline(transaction=False) as pipe:
-            for s in streams_:
-                pipe.xlen(s.stream_key)
-            stored = sum(await pipe.execute())
+        stored = sum([await store.length(s.run_id) for s in streams_])
         return {
             "events": runs * n,
             "stored": stored,
@@ -406,7 +401,7 @@ async def writer_alone(*, redis_url: str, runs: int, n: int, prefix: str) -> dic
         }
     finally:
         await writer.close(10)
-        await redis.aclose()
+        await store.aclose()
 
 
 def _counter(metrics: Any, name: str, labels: dict[str, str]) -> float:
@@ -416,27 +411,26 @@ def _counter(metrics: Any, name: str, labels: dict[str, str]) -> float:
 
 async def make_runs(*, redis_url: str, run_ids: list[str], lease_s: float) -> dict[str, Any]:
     """Running runs with one event each and a long lease: produced "elsewhere", to follow idle."""
-    from redis.asyncio import BlockingConnectionPool, Redis
-
     from bench.common import NULL_IDS, token_event
     from sidecar.keys import Keys, RunId
+    from sidecar.store import RunStore
     from sidecar.telemetry import Metrics
     from sidecar.writer import Writer
 
-    redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=8))
-    writer = Writer(redis, Keys(), Metrics(), lease_seconds=lease_s)
+    store = RunStore(redis_url, Keys())
+    writer = Writer(store, Metrics(), lease_seconds=lease_s)
     writer.start()
     try:
-        streams_ = await asyncio.gather(
-            *(writer.open(RunId(rid), f"bench-{rid}", {"status": "running"}) for rid in run_ids)
-        )
+        streams_ = [
+            writer.open(RunId(rid), f"bench-{rid}", {"status": "running"}) for rid in run_ids
+        ]
         for stream in streams_:
             writer.append(stream, 1, token_event(b"idle", b"hello", now_us(), NULL_IDS))
         ok = await writer.flush(60)
         return {"runs": len(run_ids), "flushed": ok}
     finally:
         await writer.close(10)
-        await redis.aclose()
+        await store.aclose()
 
 
 HANDLERS: dict[str, Handler] = {

@@ -16,16 +16,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from sidecar.auth import Authorizer, Verdict
-from sidecar.errors import InvalidRunId
+from sidecar.ending import Finalizer
+from sidecar.errors import ApiError, InvalidRunId, StoreError
 from sidecar.follow import Follower
-from sidecar.keys import Keys, RunId, validate_run_id
+from sidecar.keys import RunId, validate_run_id
 from sidecar.proxy import json_error
-from sidecar.replay import Replayer, ReplayError, params_from_body, params_from_query
-from sidecar.runs import RunMeta, RunRegistry
+from sidecar.replay import Replayer, params_from_body, params_from_query
+from sidecar.runs import RunRegistry
+from sidecar.store import FinalizeStatus, RunMeta, RunStore
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause
 
@@ -36,6 +36,8 @@ CANCEL_WAIT_SECONDS = 5.0
 
 _OUTCOME_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found"}
 _OUTCOME_BY_STATUS |= {410: "gone", 503: "unavailable"}
+# A 410 for lost data is not a retention problem (``gone``): it has its own outcome.
+_OUTCOME_BY_TYPE = {"events_lost": "lost", "history_lost": "lost"}
 
 
 def status_body(meta: RunMeta) -> dict[str, Any]:
@@ -51,6 +53,8 @@ def status_body(meta: RunMeta) -> dict[str, Any]:
         "forced_done": meta.forced_done,
         "incomplete": meta.incomplete,
         "trimmed_events": meta.trimmed_events,
+        "lost_ranges": [list(r) for r in meta.lost_ranges],
+        "history_lost_through": meta.history_lost_through or None,
     }
 
 
@@ -67,24 +71,21 @@ ROUTES = (
 class Api:
     def __init__(
         self,
-        redis: Redis,
-        keys: Keys,
+        store: RunStore,
         replayer: Replayer,
         follower: Follower,
         runs: RunRegistry,
+        finalizer: Finalizer,
         authorizer: Authorizer,
         metrics: Metrics,
-        *,
-        cancel_channel: str,
     ) -> None:
-        self._redis = redis
-        self._keys = keys
+        self._store = store
         self._replayer = replayer
         self._follower = follower
         self._runs = runs
+        self._finalizer = finalizer
         self._auth = authorizer
         self._m = metrics
-        self._cancel_channel = cancel_channel
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -107,10 +108,11 @@ class Api:
             run_id = self._authorized(request)
             params = await params_from_body(request) if post else params_from_query(request)
             return await self._replayer.stream(request, run_id, params)
-        except ReplayError as exc:
-            self._m.replay_requests.labels(_OUTCOME_BY_STATUS.get(exc.status, "error")).inc()
+        except ApiError as exc:
+            outcome = _OUTCOME_BY_TYPE.get(exc.type) or _OUTCOME_BY_STATUS.get(exc.status, "error")
+            self._m.replay_requests.labels(outcome).inc()
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
-        except (redis_errors.RedisError, OSError) as exc:
+        except StoreError as exc:
             self._m.redis_errors.labels("replay").inc()
             self._m.replay_requests.labels("unavailable").inc()
             return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
@@ -122,9 +124,9 @@ class Api:
     ) -> web.StreamResponse:
         try:
             return await handler(self._authorized(request))
-        except ReplayError as exc:
+        except ApiError as exc:
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
-        except (redis_errors.RedisError, OSError) as exc:
+        except StoreError as exc:
             self._m.redis_errors.labels("api").inc()
             return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
 
@@ -133,54 +135,55 @@ class Api:
         try:
             run_id = validate_run_id(request.match_info["run_id"])
         except InvalidRunId as exc:
-            raise ReplayError(400, "invalid_run_id", str(exc)) from None
+            raise ApiError(400, "invalid_run_id", str(exc)) from None
         verdict = self._auth.check(request, run_id)
         if verdict is Verdict.OTHER_RUN:
-            raise ReplayError(403, "forbidden", "this token is for another run")
+            raise ApiError(403, "forbidden", "this token is for another run")
         if verdict is not Verdict.ALLOWED:
-            raise ReplayError(
+            raise ApiError(
                 401, "unauthorized", f"a valid bearer token is required ({verdict.value})"
             )
         return run_id
 
-    async def _status(self, run_id: RunId) -> web.StreamResponse:
-        meta = await self._replayer.meta(run_id)
+    async def _meta(self, run_id: RunId) -> RunMeta:
+        meta = await self._store.meta(run_id) or self._runs.meta(run_id)
         if meta is None:
-            raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
-        return web.json_response(status_body(meta))
+            raise ApiError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+        return meta
+
+    async def _status(self, run_id: RunId) -> web.StreamResponse:
+        return web.json_response(status_body(await self._meta(run_id)))
 
     async def _cancel(self, run_id: RunId) -> web.StreamResponse:
         local = self._runs.get(run_id)
         if local is not None:
             local.cancel(EndCause.CANCELLED)
-            await asyncio.wait_for(local.wait(), CANCEL_WAIT_SECONDS)
-            return await self._after_cancel(run_id)
-        meta = await self._replayer.meta(run_id)
+            try:
+                await asyncio.wait_for(local.wait(), CANCEL_WAIT_SECONDS)
+            except TimeoutError:
+                return web.json_response({"run_id": run_id, "status": "cancelling"}, status=202)
+            return web.json_response(status_body(await self._meta(run_id)))
+        meta = await self._store.meta(run_id)
         if meta is None:
-            raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+            raise ApiError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
         if meta.status != "running":
-            raise ReplayError(
+            raise ApiError(
                 409, "run_finished", f"run {run_id!r} already ended", run_status=meta.status
             )
         # Another process produces it: ask every replica; the producer cancels its upstream
         # request and appends the terminal. Wait for that terminal on the live tail.
-        sub = self._follower.subscribe(self._keys.stream(run_id), meta.last_seq, 1 << 20)
+        sub = self._follower.subscribe(run_id, meta.last_seq, 1 << 20)
         try:
-            receivers = await self._redis.publish(self._cancel_channel, run_id)
+            receivers = await self._store.publish_cancel(run_id)
             log.info("cancel requested", extra={"run_id": run_id, "replicas": receivers})
             async with asyncio.timeout(CANCEL_WAIT_SECONDS):
                 while not any(e.complete for e in sub.take()):
                     await sub.ready.wait()
         except TimeoutError:
             # Nobody ended it: if its producer vanished meanwhile, end it here.
-            if not await self._replayer.end_orphan(run_id, EndCause.CANCELLED, require_dead=True):
+            ended = await self._finalizer.end(run_id, EndCause.CANCELLED, require_dead=True)
+            if ended is FinalizeStatus.ALIVE:
                 return web.json_response({"run_id": run_id, "status": "cancelling"}, status=202)
         finally:
             self._follower.unsubscribe(sub)
-        return await self._after_cancel(run_id)
-
-    async def _after_cancel(self, run_id: RunId) -> web.StreamResponse:
-        meta = await self._replayer.meta(run_id)
-        if meta is None:
-            raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
-        return web.json_response(status_body(meta))
+        return web.json_response(status_body(await self._meta(run_id)))

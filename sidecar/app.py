@@ -1,7 +1,8 @@
 """Wiring: the only place that builds the parts and connects them.
 
-``create_app(settings)`` returns the traffic application (proxy and, later, replay API) whose
-``cleanup_ctx`` owns Redis, the writer, the run registry and the upstream session;
+``create_app(settings)`` returns the traffic application (proxy and replay API) whose
+``cleanup_ctx`` owns the store, the writer, the run registry (with the orphan sweep and the
+cancel listener), the follower (with the Redis probe) and the upstream session;
 ``create_admin_app`` returns the admin application (/metrics, /healthz, /readyz); ``serve`` runs
 both until SIGTERM/SIGINT and shuts down in order: unready, stop accepting, let running streams
 finish for ``drain_seconds``, end the rest with the ``sidecar_shutdown`` terminal, flush the
@@ -26,17 +27,18 @@ from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
 
 from sidecar.api import ROUTES, Api
 from sidecar.auth import Authorizer
 from sidecar.config import Settings
+from sidecar.ending import Finalizer
 from sidecar.follow import Follower
 from sidecar.keys import Keys
+from sidecar.probe import RedisProbe
 from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
-from sidecar.runs import CancelListener, RunRegistry
+from sidecar.runs import CancelListener, OrphanSweep, RunRegistry, new_producer_id
+from sidecar.store import RunStore
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause
 from sidecar.tracing import exemplar, tracer_of, tracer_provider_from_env
@@ -59,13 +61,16 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 TRACER = web.AppKey("tracer", Tracer)
 STATE = web.AppKey("state", State)
-REDIS = web.AppKey("redis", Redis)
+STORE = web.AppKey("store", RunStore)
 WRITER = web.AppKey("writer", Writer)
 RUNS = web.AppKey("runs", RunRegistry)
+FINALIZER = web.AppKey("finalizer", Finalizer)
+SWEEP = web.AppKey("sweep", OrphanSweep)
 PROXY = web.AppKey("proxy", Proxy)
 API = web.AppKey("api", Api)
 CANCELS = web.AppKey("cancels", CancelListener)
 FOLLOWER = web.AppKey("follower", Follower)
+PROBE = web.AppKey("probe", RedisProbe)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The status line a response sent, kept on its request for when the handler is cancelled later.
@@ -80,7 +85,9 @@ def create_app(
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[TRACER] = tracer if tracer is not None else trace.NoOpTracer()
     app[STATE] = State()
-    app.cleanup_ctx.append(_resources)
+    # One context per resource, each with its own cleanup (run in reverse order), so that one
+    # failing cleanup cannot skip another: the writer's flush always runs.
+    app.cleanup_ctx.extend((_store, _writer, _runs, _follower, _http))
     app.on_response_prepare.append(_remember_status)
     app.on_shutdown.append(_drain)
     for method, path, attr, name in ROUTES:
@@ -125,89 +132,119 @@ def create_admin_app(traffic: web.Application) -> web.Application:
     return admin
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
+async def _store(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    metrics = app[METRICS]
-    tracer = app[TRACER]
-    # Bounded: 1,000 replay readers catching up at once share these connections instead of
-    # opening 1,000. The follower's blocked read has one more connection of its own.
-    pool = BlockingConnectionPool.from_url(
+    store = RunStore(
         s.redis_url,
+        Keys(s.key_prefix),
         max_connections=s.redis_max_connections,
         timeout=s.redis_timeout_seconds,
-        socket_timeout=s.redis_timeout_seconds,
-        socket_connect_timeout=s.redis_timeout_seconds,
     )
-    redis = Redis(connection_pool=pool)
-    keys = Keys(s.key_prefix)
+    app[STORE] = store
+    try:
+        yield
+    finally:
+        await store.aclose()
+
+
+async def _writer(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
     writer = Writer(
-        redis,
-        keys,
-        metrics,
+        app[STORE],
+        app[METRICS],
         flush_max_events=s.flush_max_events,
         max_bytes=s.writer_max_bytes,
         ttl_seconds=s.stream_ttl_seconds,
         max_stream_events=s.max_stream_events,
         lease_seconds=s.lease_seconds,
-        command_timeout=s.redis_timeout_seconds,
-        tracer=tracer,
+        tracer=app[TRACER],
     )
-    runs = RunRegistry(writer, s.lease_seconds)
+    writer.start()
+    app[WRITER] = writer
+    try:
+        yield
+    finally:
+        # After the tees (whose cleanup comes first): their terminals are in the buffer.
+        await writer.close(FLUSH_DEADLINE_SECONDS)
+
+
+async def _runs(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    store, metrics = app[STORE], app[METRICS]
+    runs = RunRegistry(app[WRITER], s.lease_seconds, metrics)
+    finalizer = Finalizer(
+        store,
+        metrics,
+        app[TRACER],
+        finalizer_id=new_producer_id(),
+        ttl_seconds=s.stream_ttl_seconds,
+        fill=s.dialect == "letta",
+    )
+    sweep = OrphanSweep(store, runs, finalizer, metrics, lease_seconds=s.lease_seconds)
+    cancels = CancelListener(store, runs, metrics)
+    app[RUNS], app[FINALIZER], app[SWEEP], app[CANCELS] = runs, finalizer, sweep, cancels
+    for part in (runs, sweep, cancels):
+        part.start()
+    try:
+        yield
+    finally:
+        for part in (cancels, sweep, runs):
+            await part.stop()
+
+
+async def _follower(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    follower = Follower(app[STORE], app[METRICS])
+    probe = RedisProbe(
+        app[STORE], app[RUNS], follower, app[METRICS], interval=s.redis_probe_seconds
+    )
+    app[FOLLOWER], app[PROBE] = follower, probe
+    follower.start()
+    probe.start()
+    try:
+        yield
+    finally:
+        await probe.stop()
+        await follower.close()
+
+
+async def _http(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    metrics, tracer = app[METRICS], app[TRACER]
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=s.upstream_max_connections),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
-    )
-    follower = Follower(s.redis_url, redis, metrics, connect_timeout=s.redis_timeout_seconds)
-    replayer = Replayer(
-        redis,
-        keys,
-        follower,
-        metrics,
-        heartbeat_seconds=s.heartbeat_seconds,
-        buffer_bytes=s.replay_buffer_bytes,
-        write_timeout=s.replay_write_timeout_seconds,
-        ttl_seconds=s.stream_ttl_seconds,
-        fill=s.dialect == "letta",
-        tracer=tracer,
     )
     authorizer = Authorizer(
         replay_token=s.replay_token.get_secret_value() if s.replay_token else None,
         signing_key=s.signing_key.get_secret_value() if s.signing_key else None,
         token_ttl_seconds=s.replay_token_ttl_seconds,
     )
-    cancels = CancelListener(redis, keys.cancel_channel, runs)
-    writer.start()
-    runs.start()
-    follower.start()
-    cancels.start()
-    app[REDIS] = redis
-    app[WRITER] = writer
-    app[RUNS] = runs
-    app[CANCELS] = cancels
-    app[FOLLOWER] = follower
-    proxy = Proxy(s, session, writer, runs, metrics, authorizer, tracer)
+    replayer = Replayer(
+        app[STORE],
+        app[RUNS],
+        app[FOLLOWER],
+        metrics,
+        heartbeat_seconds=s.heartbeat_seconds,
+        buffer_bytes=s.replay_buffer_bytes,
+        write_timeout=s.replay_write_timeout_seconds,
+        tracer=tracer,
+    )
+    proxy = Proxy(s, session, app[WRITER], app[RUNS], metrics, authorizer, tracer)
     app[PROXY] = proxy
     app[API] = Api(
-        redis,
-        keys,
-        replayer,
-        follower,
-        runs,
-        authorizer,
-        metrics,
-        cancel_channel=keys.cancel_channel,
+        app[STORE], replayer, app[FOLLOWER], app[RUNS], app[FINALIZER], authorizer, metrics
     )
     try:
         yield
     finally:
-        await proxy.aclose()
-        await cancels.stop()
-        await follower.close()
-        await runs.stop()
-        await writer.close(FLUSH_DEADLINE_SECONDS)
-        await session.close()
-        await redis.aclose()
+        # First of the cleanups: the tees end (and hand their terminals to the writer) before
+        # the writer flushes and the store closes.
+        try:
+            await proxy.aclose()
+        finally:
+            await session.close()
 
 
 async def _drain(app: web.Application) -> None:
@@ -297,17 +334,17 @@ async def _readyz(traffic: web.Application) -> web.Response:
     if traffic[STATE].draining:
         problems.append("draining")
     writer = traffic.get(WRITER)
-    redis = traffic.get(REDIS)
-    if writer is None or redis is None:
+    store = traffic.get(STORE)
+    if writer is None or store is None:
         problems.append("starting")
     else:
         storage: list[str] = []
         if writer.pending_bytes > 0.8 * settings.writer_max_bytes:
             storage.append("writer backlog above 80% of writer_max_bytes")
-        try:
-            await asyncio.wait_for(redis.ping(), settings.redis_timeout_seconds)
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
-            storage.append(f"redis unreachable: {exc}")
+        # Up as of the last command (the probe sends one every redis_probe_seconds); when it
+        # was not, probe again now rather than report a stale failure.
+        if not store.health.up and not await traffic[PROBE].probe():
+            storage.append(f"redis unreachable: {store.health.last_error}")
         (degraded if settings.ready_without_redis else problems).extend(storage)
     if problems:
         return web.json_response({"status": "unready", "problems": problems}, status=503)

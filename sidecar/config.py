@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(
         0, ge=0, description="Upper bound of upstream connections (0: no bound)."
     )
+    redis_probe_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="Interval of the Redis probe (reachability, and whether Redis lost its data).",
+    )
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="Deadline of one Redis command on the request path."
     )

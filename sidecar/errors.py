@@ -7,8 +7,13 @@ foreign library, so callers handle one small tree::
     ├── InvalidRunId          a run id that does not match [A-Za-z0-9._:-]{1,128}
     ├── RunConflict           another producer holds a live lease on the run (HTTP 409)
     ├── RequestTooLarge       a request body over the configured limit (HTTP 413)
+    ├── ApiError              a request to the sidecar's own API refused (its HTTP status and
+    │                         error type become the JSON error body)
     ├── SSEError
     │   └── EventTooLarge     one upstream event exceeded max_event_bytes
+    ├── StoreError            Redis refused or failed a command (translated in sidecar.store)
+    │   └── StoreUnavailable  ... because Redis could not be reached in time (connection lost,
+    │                         timeout, loading, a failover in progress)
     └── UpstreamError         the upstream could not be reached or failed mid-response
         └── UpstreamTimeout   ... because a connect or read deadline passed
 """
@@ -40,6 +45,28 @@ class RequestTooLarge(SidecarError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds the limit of {limit} bytes")
         self.limit = limit
+
+
+class ApiError(SidecarError):
+    """Refused before any byte was streamed: becomes a JSON error response."""
+
+    def __init__(self, status: int, type_: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.extra = extra
+
+
+class StoreError(SidecarError):
+    """Redis failed or refused a command; ``operation`` names what the sidecar was doing."""
+
+    def __init__(self, operation: str, message: str) -> None:
+        super().__init__(f"{operation}: {message}")
+        self.operation = operation
+
+
+class StoreUnavailable(StoreError):
+    """Redis could not be reached in time: worth retrying later, the data is not at fault."""
 
 
 class SSEError(SidecarError):

@@ -1,91 +1,85 @@
-"""The shared live tail: one blocked ``XREAD`` serves every replay reader of this process.
+"""The shared live tail: one blocked read serves every replay reader of this process.
 
-Each reader catches up on its own with ``XRANGE`` pages, then subscribes here with its cursor
-(the last seq it sent). The follower keeps one dedicated connection blocked in
-``XREAD BLOCK ... STREAMS k1 k2 ... id1 id2 ...`` over every followed run, each from the lowest
-cursor of its subscribers, and hands new entries to the subscribers that have not seen them.
-Everything is cursor-based, so there is no subscribe-then-read race and no duplicate; nothing
-polls: when a subscriber needs a key (or an older position) the blocked call does not cover, the
-follower interrupts it with ``CLIENT UNBLOCK`` and blocks again with the new set.
+Each reader catches up on its own from history, then subscribes here with its cursor (the last
+seq it sent). The follower keeps the store's ``Tail`` blocked on every followed run, each from
+the lowest cursor of its subscribers, and hands new entries to the subscribers that have not seen
+them. Everything is cursor-based, so there is no subscribe-then-read race and no duplicate;
+nothing polls: when a subscriber needs a run (or an older position) the blocked read does not
+cover, the follower interrupts it and blocks again with the new set.
+
+When Redis comes back after the follower lost it, or the probe finds that Redis lost its data,
+the follower asks the store which followed runs still exist; the readers of a run that vanished
+are told (``Subscription.lost``) instead of waiting forever for entries that will never come.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
-
-from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from sidecar.background import Background
+from sidecar.errors import StoreError
+from sidecar.keys import RunId
+from sidecar.store import Entry, RunStore, backoff
 from sidecar.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
-# A blocked read returns at least this often, so a silently dead connection is noticed.
-BLOCK_MS = 5000
 READ_COUNT = 1000
-
-
-@dataclass(slots=True, frozen=True)
-class Entry:
-    seq: int
-    data: bytes
-    timestamp_ms: int
-    complete: bool
-
-
-def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Entry:
-    raw_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    data = fields.get(b"data", b"")
-    ts = fields.get(b"timestamp", b"0")
-    return Entry(
-        seq=int(raw_id.split("-", 1)[0]),
-        data=data if isinstance(data, bytes) else str(data).encode(),
-        timestamp_ms=int(ts),
-        complete=fields.get(b"complete") == b"true",
-    )
 
 
 @dataclass(eq=False, slots=True)
 class Subscription:
     """One reader's view of the live tail: a bounded buffer of entries after ``cursor``."""
 
-    key: str
-    cursor: int
+    run_id: RunId
+    cursor: int  # the last seq the reader has (nothing at or before it is offered)
     max_bytes: int
+    # Where the live tail reads from for this reader: its cursor, or the run's stored end when
+    # the reader is ahead of it (it got events live before the writer stored them), so that
+    # the run's last entry is seen even when it is at or before the cursor.
+    position: int = -1
     entries: deque[Entry] = field(default_factory=deque)
     buffered: int = 0
-    overflowed: bool = False
-    gap: bool = False  # entries after the cursor were trimmed before they could be read
-    closed: bool = (
-        False  # the sidecar is shutting down: the reader should end (and resume elsewhere)
-    )
+    overflowed: bool = False  # the reader stopped reading: cut it loose
+    gap: bool = False  # the next entry is not cursor + 1 (trimmed, lost, or Redis lost data)
+    lost: bool = False  # the run vanished from Redis (its history is gone)
+    # The run's last entry is at or before the cursor (the reader had it live before the writer
+    # stored it): nothing more will ever come.
+    ended: bool = False
+    closed: bool = False  # the sidecar is shutting down: the reader should end (and resume)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def broken(self) -> bool:
-        """The reader cannot go on from here (too slow, or outrun by trimming)."""
-        return self.overflowed or self.gap
+        """The reader cannot go on from here."""
+        return self.overflowed or self.gap or self.lost
+
+    def __post_init__(self) -> None:
+        if self.position < 0 or self.position > self.cursor:
+            self.position = self.cursor
 
     def offer(self, entry: Entry) -> None:
-        if entry.seq <= self.cursor or self.broken:
+        if self.broken:
+            return
+        if entry.seq <= self.cursor:
+            self.position = max(self.position, entry.seq)
+            if entry.complete:
+                self.ended = True
+                self.ready.set()
             return
         if entry.seq != self.cursor + 1:
-            # seqs are contiguous, so a jump means the length cap trimmed events this reader
-            # never got: cut it, and its reconnect is told so (410) instead of a silent hole.
+            # seqs are contiguous, so a jump means events this reader never got are not there
+            # (trimmed by the length cap, lost by the writer, or lost by Redis): the reader
+            # finds out which and says so, instead of streaming over a silent hole.
             self.gap = True
-            self.entries.clear()
             self.ready.set()
             return
-        self.cursor = entry.seq
+        self.cursor = self.position = entry.seq
         self.buffered += len(entry.data)
         if self.buffered > self.max_bytes:
-            # The reader stopped reading: cut it loose instead of growing without bound.
             self.overflowed = True
             self.entries.clear()
         else:
@@ -101,48 +95,47 @@ class Subscription:
 
 
 class Follower:
-    def __init__(self, redis_url: str, pool: Redis, metrics: Metrics, *, connect_timeout: float):
-        # A dedicated single connection: it spends its life blocked, so it must not come from
-        # the pool that serves everything else.
-        self._blocker = Redis.from_url(
-            redis_url,
-            single_connection_client=True,
-            socket_timeout=BLOCK_MS / 1000 + 5,
-            socket_connect_timeout=connect_timeout,
-        )
-        self._pool = pool
+    def __init__(self, store: RunStore, metrics: Metrics) -> None:
+        self._store = store
+        self._tail = store.tail()
         self._m = metrics
-        self._subs: dict[str, set[Subscription]] = {}
-        self._covered: dict[str, int] = {}  # what the blocked call in flight reads from
+        self._subs: dict[RunId, set[Subscription]] = {}
+        self._covered: dict[RunId, int] = {}  # what the blocked read in flight reads from
         self._changed = asyncio.Event()
-        self._blocked_id: int | None = None
-        self._blocking = False
-        self._unblocking = False
-        self._background = Background("sse-follower", self._loop)
+        self._background = Background("sse-follower", self._loop, metrics)
         self._closing = False
+        self._backoff = backoff(0.05, 2.0)
 
     def start(self) -> None:
         self._background.start()
 
     async def close(self) -> None:
         await self._background.stop()
-        await self._blocker.aclose()
+        await self._tail.aclose()
 
-    def subscribe(self, key: str, cursor: int, max_bytes: int) -> Subscription:
-        sub = Subscription(key, cursor, max_bytes, closed=self._closing)
-        self._subs.setdefault(key, set()).add(sub)
-        covered = self._covered.get(key)
-        if covered is None or cursor < covered:
+    @property
+    def followed(self) -> int:
+        return len(self._subs)
+
+    def subscribe(
+        self, run_id: RunId, cursor: int, max_bytes: int, *, stored: int | None = None
+    ) -> Subscription:
+        """Follow ``run_id`` after ``cursor``; ``stored``: the run's last stored seq, if known."""
+        position = cursor if stored is None else min(cursor, stored)
+        sub = Subscription(run_id, cursor, max_bytes, position, closed=self._closing)
+        self._subs.setdefault(run_id, set()).add(sub)
+        covered = self._covered.get(run_id)
+        if covered is None or sub.position < covered:
             self._changed.set()
-            self._interrupt()
+            self._tail.interrupt()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        subs = self._subs.get(sub.key)
+        subs = self._subs.get(sub.run_id)
         if subs is not None:
             subs.discard(sub)
             if not subs:
-                del self._subs[sub.key]
+                del self._subs[sub.run_id]
 
     def close_subscriptions(self) -> None:
         """At shutdown: wake every reader so that it ends its response now."""
@@ -152,66 +145,57 @@ class Follower:
                 sub.closed = True
                 sub.ready.set()
 
-    def _interrupt(self) -> None:
-        if self._blocking and not self._unblocking and self._blocked_id is not None:
-            self._unblocking = True
-            asyncio.get_running_loop().create_task(self._unblock(self._blocked_id))
-
-    async def _unblock(self, client_id: int) -> None:
-        try:
-            # The XREAD may be on its way but not yet blocked in Redis, where UNBLOCK finds
-            # nothing to do: try again until it took effect or the read returned by itself.
-            while self._blocking and not await self._pool.client_unblock(client_id):  # noqa: ASYNC110
-                await asyncio.sleep(0.001)
-        except (redis_errors.RedisError, OSError) as exc:
-            log.warning("cannot interrupt the blocked live-tail read: %s", exc)
-        finally:
-            self._unblocking = False
+    async def check_runs(self) -> None:
+        """Tell the readers of runs that Redis no longer holds (it lost its data)."""
+        followed = list(self._subs)
+        existing = await self._store.existing(followed)
+        for run_id in followed:
+            if run_id in existing:
+                continue
+            log.warning(
+                "a followed run vanished from Redis: its readers are told",
+                extra={"run_id": run_id, "reason": "history_lost"},
+            )
+            for sub in self._subs.get(run_id, ()):
+                sub.lost = True
+                sub.ready.set()
 
     async def _loop(self) -> None:
-        backoff = 0.05
+        failures = 0
         while True:
             if not self._subs:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
             try:
-                if self._blocked_id is None:
-                    self._blocked_id = int(await self._blocker.client_id())
+                if failures:
+                    # Back after an outage: Redis may have come back empty.
+                    await self.check_runs()
                 await self._read_once()
-                backoff = 0.05
-            except (redis_errors.RedisError, OSError) as exc:
-                self._blocked_id = None
+                failures = 0
+            except StoreError as exc:
+                failures += 1
                 self._m.redis_errors.labels("follow").inc()
                 log.warning("live-tail read failed, retrying: %s", exc)
-                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(self._backoff(failures))
 
     async def _read_once(self) -> None:
-        positions = {key: min(s.cursor for s in subs) for key, subs in self._subs.items()}
+        positions = {run_id: min(s.position for s in subs) for run_id, subs in self._subs.items()}
         self._covered = positions
         self._changed.clear()
-        self._blocking = True
         try:
-            reply: Any = await self._blocker.xread(
-                {key: f"{seq}-0" for key, seq in positions.items()},
-                count=READ_COUNT,
-                block=BLOCK_MS,
-            )
+            found = await self._tail.read(positions, READ_COUNT)
         finally:
-            self._blocking = False
             self._covered = {}
-        for raw_key, entries in reply or ():
-            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-            subs = self._subs.get(key)
+        for run_id, entries in found.items():
+            subs = self._subs.get(run_id)
             if not subs:
                 continue
-            parsed = [parse_entry(entry_id, fields) for entry_id, fields in entries]
-            read_from = positions.get(key, 0)
+            read_from = positions.get(run_id, 0)
             for sub in list(subs):
                 # A reader that subscribed while this read was in flight, from an older cursor,
                 # is not covered by it (the next read is): offering it these would look like a gap.
-                if sub.cursor < read_from:
+                if sub.position < read_from:
                     continue
-                for entry in parsed:
+                for entry in entries:
                     sub.offer(entry)

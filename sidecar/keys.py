@@ -39,7 +39,21 @@ class Keys:
     def meta(self, run_id: RunId) -> str:
         return f"{self.prefix}{{{run_id}}}:meta"
 
+    def run_id_of(self, stream_key: str) -> RunId:
+        """The run id of a stream key this class built (the text between the braces)."""
+        return RunId(stream_key[len(self.prefix) + 1 : -1])
+
     @property
     def cancel_channel(self) -> str:
         """Pub/sub channel on which any replica asks the producer of a run to cancel it."""
         return f"{self.prefix}cancel"
+
+    @property
+    def lease_index(self) -> str:
+        """Sorted set of running runs by lease deadline (ms): what the orphan sweep reads."""
+        return f"{self.prefix}leases"
+
+    @property
+    def epoch(self) -> str:
+        """A token every sidecar remembers: when it changes or vanishes, Redis lost its data."""
+        return f"{self.prefix}epoch"

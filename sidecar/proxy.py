@@ -29,11 +29,11 @@ from sidecar.config import Settings
 from sidecar.errors import InvalidRunId, RequestTooLarge, RunConflict
 from sidecar.keys import RunId, new_run_id, validate_run_id
 from sidecar.runs import RunRegistry, new_producer_id
+from sidecar.store.meta import initial_meta
 from sidecar.tee import Tee
 from sidecar.telemetry import Metrics
-from sidecar.terminal import Status
 from sidecar.tracing import trace_ids
-from sidecar.writer import Writer
+from sidecar.writer import RunStream, Writer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ HOP_BY_HOP = frozenset(
 RUN_ID_RESPONSE_HEADER = "X-Sidecar-Run-Id"
 REPLAY_TOKEN_HEADER = "X-Sidecar-Replay-Token"
 _BODYLESS_STATUS = frozenset({204, 304})
+# Longest a chosen run id's claim may hold up the response headers (see Proxy._claim_refused).
+CLAIM_WAIT_SECONDS = 0.25
 
 
 def json_error(status: int, type_: str, message: str, **extra: Any) -> web.Response:
@@ -241,33 +243,33 @@ class Proxy:
         decompressor: Any | None,
         started: float,
     ) -> web.StreamResponse:
-        run_id = self._pick_run_id(upstream, client_run_id)
+        run_id, chosen = self._pick_run_id(upstream, client_run_id)
         if run_id in self._runs:
             upstream.close()
             return json_error(409, "run_conflict", f"run {run_id!r} is already being produced")
         span = self._tracer.start_span(
             "sse.run", kind=SpanKind.INTERNAL, attributes={"sse.run_id": run_id}
         )
-        meta = {
-            "status": Status.RUNNING.value,
-            "created_ms": str(int(time.time() * 1000)),
-            "route": "proxy",
-        }
-        if (ids := trace_ids(span)) is not None:
-            meta["trace_id"] = ids[0]
+        ids = trace_ids(span)
+        meta = initial_meta(route="proxy", trace_id=ids[0] if ids is not None else None)
+        stream = self._writer.open(
+            run_id, new_producer_id(), meta, span_context=span.get_span_context()
+        )
+        # The first upstream read starts now; whatever it brings is relayed by the tee.
+        first = asyncio.ensure_future(upstream.content.readany())
         try:
-            stream = await self._writer.open(
-                run_id, new_producer_id(), meta, span_context=span.get_span_context()
-            )
-        except RunConflict as exc:
-            upstream.close()
-            span.set_status(StatusCode.ERROR, "run conflict")
-            span.end()
-            return json_error(409, "run_conflict", str(exc), producer=exc.producer)
+            conflict = await self._claim_refused(stream, first) if chosen else None
         except BaseException:
+            first.cancel()
             upstream.close()
             span.end()
             raise
+        if conflict is not None:
+            first.cancel()
+            upstream.close()
+            span.set_status(StatusCode.ERROR, "run conflict")
+            span.end()
+            return json_error(409, "run_conflict", str(conflict), producer=conflict.producer)
         headers = end_to_end(upstream.headers)
         for name in (
             "Content-Length",
@@ -293,6 +295,7 @@ class Proxy:
             decompressor=decompressor,
             started=started,
             span=span,
+            first=first,
         )
         self._m.runs_started.labels("proxy").inc()
         self._m.runs_active.inc()
@@ -317,14 +320,33 @@ class Proxy:
             raise
         return resp
 
-    def _pick_run_id(self, upstream: aiohttp.ClientResponse, client_run_id: RunId | None) -> RunId:
+    async def _claim_refused(
+        self, stream: RunStream, first: asyncio.Future[bytes]
+    ) -> RunConflict | None:
+        """A run id someone chose may be another producer's: Redis' answer to the claim (in the
+        writer's next round trip, well under a millisecond on a healthy Redis) decides between
+        200 and 409. The first upstream read goes on meanwhile, and the wait is bounded (none at
+        all while Redis is known to be down): the client never waits on a struggling Redis. A
+        claim refused after that fences the run (not stored; counted as ``conflict``)."""
+        if not self._writer.store_down:
+            await asyncio.wait((stream.claim,), timeout=CLAIM_WAIT_SECONDS)
+        if stream.claim.done() and (holder := stream.claim.result()) is not True:
+            return RunConflict(stream.run_id, str(holder))
+        return None
+
+    def _pick_run_id(
+        self, upstream: aiohttp.ClientResponse, client_run_id: RunId | None
+    ) -> tuple[RunId, bool]:
+        """The run id, and whether somebody chose it (a new random one cannot conflict)."""
         raw = upstream.headers.get(self._run_header)
         if raw is not None:
             try:
-                return validate_run_id(raw)
+                return validate_run_id(raw), True
             except InvalidRunId as exc:
                 log.warning("ignoring the upstream's run id: %s", exc)
-        return client_run_id if client_run_id is not None else new_run_id()
+        if client_run_id is not None:
+            return client_run_id, True
+        return new_run_id(), False
 
 
 def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

@@ -1,8 +1,10 @@
 """Replay: one cursor from a run's history to its live tail, as an SSE response.
 
 A reader starts after a cursor (``Last-Event-ID``, ``starting_after``, or 0). It catches up with
-``XRANGE`` pages of ``batch_size``, then follows the live tail through the shared ``Follower``
-from the last seq it sent, and ends right after the run's ``complete`` entry ([DONE]). The bytes
+pages of ``batch_size`` from the store, then follows the live tail through the shared
+``Follower`` from the last seq it sent, and ends right after the run's ``complete`` entry (its
+terminal). A hole (events the writer could not store, or history Redis lost) is never streamed
+over: the reader gets an error event naming it and the stream is cut. The bytes
 it sends are the stored entries' ``data``, which are exactly what the live client received.
 """
 
@@ -22,15 +24,14 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from pydantic import BaseModel, ConfigDict, Field
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from sidecar.follow import Entry, Follower, parse_entry
-from sidecar.keys import Keys, RunId
-from sidecar.runs import RunMeta, end_orphaned_run, read_meta
+from sidecar.errors import ApiError, StoreError
+from sidecar.follow import Follower
+from sidecar.keys import RunId
+from sidecar.runs import RunRegistry
 from sidecar.sse import encode_comment, encode_event
+from sidecar.store import Entry, RunMeta, RunStore
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause
 from sidecar.tracing import exemplar
 
 log = logging.getLogger(__name__)
@@ -74,20 +75,10 @@ class _Sent:
     events: int = 0
 
 
-class ReplayError(Exception):
-    """Refused before any byte was streamed: becomes a JSON error response."""
-
-    def __init__(self, status: int, type_: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-        self.extra = extra
-
-
 def _cursor(value: str, source: str) -> int:
     text = value.strip()
     if not text.isascii() or not text.isdigit() or len(text) > 18:
-        raise ReplayError(
+        raise ApiError(
             400, "bad_cursor", f"{source} must be a non-negative integer seq, got {value[:40]!r}"
         )
     return int(text)
@@ -105,7 +96,7 @@ def params_from_query(request: web.Request) -> ReplayParams:
     if (raw := request.query.get("batch_size")) is not None:
         batch = _cursor(raw, "batch_size")
         if not 1 <= batch <= MAX_BATCH:
-            raise ReplayError(400, "bad_request", f"batch_size must be 1..{MAX_BATCH}")
+            raise ApiError(400, "bad_request", f"batch_size must be 1..{MAX_BATCH}")
     pings = request.query.get("include_pings", "false").lower() in ("1", "true", "yes")
     return ReplayParams(cursor, pings, batch)
 
@@ -116,7 +107,7 @@ async def params_from_body(request: web.Request) -> ReplayParams:
     try:
         body = ReplayBody.model_validate_json(raw or b"{}")
     except ValueError as exc:
-        raise ReplayError(400, "bad_request", f"invalid replay body: {exc}") from None
+        raise ApiError(400, "bad_request", f"invalid replay body: {exc}") from None
     cursor = body.starting_after or 0
     if (header := request.headers.get("Last-Event-ID")) is not None:
         cursor = _cursor(header, "Last-Event-ID")
@@ -127,80 +118,36 @@ async def params_from_body(request: web.Request) -> ReplayParams:
 class Replayer:
     def __init__(
         self,
-        redis: Redis,
-        keys: Keys,
+        store: RunStore,
+        runs: RunRegistry,
         follower: Follower,
         metrics: Metrics,
         *,
         heartbeat_seconds: float,
         buffer_bytes: int,
         write_timeout: float,
-        ttl_seconds: int,
-        fill: bool,
         tracer: Tracer | None = None,
     ) -> None:
         self._tracer = tracer if tracer is not None else trace.NoOpTracer()
-        self._redis = redis
-        self._keys = keys
+        self._store = store
+        self._runs = runs
         self._follower = follower
         self._m = metrics
         self._heartbeat = heartbeat_seconds
         self._buffer_bytes = buffer_bytes
         self._write_timeout = write_timeout
-        self._ttl = ttl_seconds
-        self._fill = fill
-        self._checked: dict[str, tuple[float, RunMeta | None]] = {}
-
-    async def meta(self, run_id: RunId) -> RunMeta | None:
-        """The run's meta, after ending it with ``producer_lost`` if its producer is gone."""
-        meta = await read_meta(self._redis, self._keys, run_id)
-        if meta is not None and meta.status == "running" and self._lease_expired(meta):
-            await self.end_orphan(run_id, EndCause.PRODUCER_LOST, require_dead=True)
-            meta = await read_meta(self._redis, self._keys, run_id)
-        return meta
-
-    async def end_orphan(self, run_id: RunId, cause: EndCause, *, require_dead: bool) -> bool:
-        outcome = await end_orphaned_run(
-            self._redis,
-            self._keys,
-            run_id,
-            cause,
-            require_dead=require_dead,
-            ttl_seconds=self._ttl,
-            fill=self._fill,
-        )
-        if outcome is None:
-            return False
-        self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label).inc()
-        if outcome.forced_done is not None:
-            self._m.forced_done.labels(outcome.forced_done.value).inc()
-        return True
-
-    @staticmethod
-    def _lease_expired(meta: RunMeta) -> bool:
-        return meta.lease_until_ms is not None and meta.lease_until_ms < time.time() * 1000
 
     async def stream(
         self, request: web.Request, run_id: RunId, params: ReplayParams
     ) -> web.StreamResponse:
-        """Validate against the stored run, then stream; refusals raise ``ReplayError``."""
-        meta = await self.meta(run_id)
+        """Validate against the stored run, then stream; refusals raise ``ApiError``."""
+        meta = await self._store.meta(run_id) or self._runs.meta(run_id)
         if meta is None:
-            raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+            raise ApiError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
         cursor = params.starting_after
-        key = self._keys.stream(run_id)
-        head: Any = await self._redis.xrange(key, "-", "+", count=1)
-        first_seq = parse_entry(*head[0]).seq if head else None
-        if cursor < meta.last_seq and (first_seq is None or cursor + 1 < first_seq):
-            raise ReplayError(
-                410,
-                "cursor_expired",
-                f"events after seq {cursor} are no longer retained",
-                first_available_seq=first_seq,
-            )
-        if meta.status != "running" and cursor >= meta.last_seq:
-            if meta.incomplete == "overflow":
-                raise ReplayError(410, "events_lost", _lost_message(meta), **_lost_extra(meta))
+        if cursor < meta.last_seq:
+            await self._check_retained(meta, cursor)
+        elif not meta.running:
             self._m.replay_requests.labels("no_content").inc()
             return web.Response(status=204)
         resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Sidecar-Run-Id": run_id})
@@ -214,8 +161,8 @@ class Replayer:
         ) as span:
             sent = _Sent()
             try:
-                complete = await self._send_all(resp, meta, key, cursor, params, sent)
-            except (ConnectionError, TimeoutError, RuntimeError, OSError, RedisError) as exc:
+                complete = await self._send_all(resp, run_id, cursor, params, sent, meta.last_seq)
+            except (ConnectionError, TimeoutError, RuntimeError, OSError, StoreError) as exc:
                 span.record_exception(exc)
                 log.info("replay stream cut: %s", exc, extra={"run_id": run_id})
             finally:
@@ -232,61 +179,104 @@ class Replayer:
             request.transport.close()
         return resp
 
+    async def _check_retained(self, meta: RunMeta, cursor: int) -> None:
+        """Refuse (410) a cursor whose next event is not stored, saying why: each kind of
+        loss has its own error type, because each has a different fix."""
+        lost = _loss(meta, cursor + 1)
+        if lost is not None:
+            raise ApiError(410, lost["error_type"], lost["message"], **_fields(lost))
+        first = await self._store.first_seq(RunId(meta.run_id))
+        if first is None or cursor + 1 < first:
+            raise ApiError(
+                410,
+                "cursor_expired",
+                f"events after seq {cursor} are no longer retained",
+                first_available_seq=first,
+            )
+
     async def _send_all(
         self,
         resp: web.StreamResponse,
-        meta: RunMeta,
-        key: str,
+        run_id: RunId,
         cursor: int,
         params: ReplayParams,
         sent: _Sent,
+        stored: int,
     ) -> bool:
         """Stream from history, then live; True when the stream ended cleanly (nothing more)."""
-        run_id = RunId(meta.run_id)
         while True:
-            page: Any = await self._redis.xrange(key, f"({cursor}-0", "+", count=params.batch_size)
-            entries = [parse_entry(entry_id, fields) for entry_id, fields in page]
+            entries = await self._store.entries_after(run_id, cursor, params.batch_size)
             if entries:
-                cursor = entries[-1].seq
-                if await self._write(resp, entries, sent, live=False):
+                stored = max(stored, entries[-1].seq)
+            contiguous = _contiguous(entries, cursor)
+            if contiguous:
+                cursor = contiguous[-1].seq
+                if await self._write(resp, contiguous, sent, live=False):
                     return True
+            if len(contiguous) < len(entries):
+                await self._hole(resp, run_id, cursor, vanished=False)
+                return False
             if len(entries) < params.batch_size:
                 break
-        if await self._ended_before(resp, meta, cursor):
-            return True
-        sub = self._follower.subscribe(key, cursor, self._buffer_bytes)
+        sub = self._follower.subscribe(run_id, cursor, self._buffer_bytes, stored=stored)
         try:
             while True:
                 try:
                     await asyncio.wait_for(sub.ready.wait(), self._heartbeat)
                 except TimeoutError:
                     await self._heartbeat_ping(resp, run_id, params)
-                    current = await self._checked_meta(run_id)
-                    if current is None:
-                        return True  # the run expired while being followed
-                    # The seq last *sent*: the follower may hold entries this reader has not
-                    # written yet (they arrived during the awaits above).
-                    if await self._ended_before(resp, current, cursor):
-                        return True
                     continue
-                if sub.closed or sub.broken:
-                    if sub.broken:
-                        why = "too slow" if sub.overflowed else "outrun by the length cap"
-                        log.warning(
-                            "replay reader cut (%s): it can resume from seq %d",
-                            why,
-                            sub.cursor,
-                            extra={"run_id": run_id},
-                        )
-                        self._m.replay_requests.labels("slow_reader").inc()
-                    return False
                 entries = sub.take()
                 if entries:
                     cursor = entries[-1].seq
                     if await self._write(resp, entries, sent, live=True):
                         return True
+                if sub.ended:
+                    # Its reconnect gets 204: a clean end is the truth here.
+                    return True
+                if sub.closed:
+                    return False
+                if sub.overflowed:
+                    log.warning(
+                        "replay reader cut (too slow): it can resume from seq %d",
+                        cursor,
+                        extra={"run_id": run_id},
+                    )
+                    self._m.replay_requests.labels("slow_reader").inc()
+                    return False
+                if sub.gap or sub.lost:
+                    await self._hole(resp, run_id, cursor, vanished=sub.lost)
+                    return False
         finally:
             self._follower.unsubscribe(sub)
+
+    async def _hole(
+        self, resp: web.StreamResponse, run_id: RunId, cursor: int, *, vanished: bool
+    ) -> None:
+        """The next event after ``cursor`` is not stored: say which loss it is, as an error
+        event (a reader that does not reconnect learns it), before the stream is cut (one that
+        does reconnects and gets the 410 of that loss)."""
+        meta = None if vanished else await self._store.meta(run_id)
+        lost = _loss(meta, cursor + 1) if meta is not None else _vanished(cursor)
+        if lost is None:
+            # Trimmed by the length cap before this reader got there: it was too slow.
+            log.warning(
+                "replay reader cut (outrun by the length cap): it can resume from seq %d",
+                cursor,
+                extra={"run_id": run_id},
+            )
+            self._m.replay_requests.labels("slow_reader").inc()
+            return
+        self._m.replay_requests.labels("lost").inc()
+        log.warning(
+            "replay reader cut at a hole (%s) after seq %d",
+            lost["error_type"],
+            cursor,
+            extra={"run_id": run_id, "reason": lost["error_type"]},
+        )
+        error = {"message_type": "error_message", **lost}
+        async with asyncio.timeout(self._write_timeout):
+            await resp.write(encode_event(orjson.dumps(error).decode(), event="error"))
 
     async def _write(
         self, resp: web.StreamResponse, entries: list[Entry], sent: _Sent, *, live: bool
@@ -311,31 +301,48 @@ class Replayer:
         async with asyncio.timeout(self._write_timeout):
             await resp.write(ping_event(run_id) if params.include_pings else PING_COMMENT)
 
-    async def _checked_meta(self, run_id: RunId) -> RunMeta | None:
-        """The run's meta as of at most one heartbeat ago: one read per run per heartbeat,
-        however many readers follow it (this is also when a dead producer is noticed)."""
-        now = time.monotonic()
-        cached = self._checked.get(run_id)
-        if cached is not None and now - cached[0] < self._heartbeat:
-            return cached[1]
-        meta = await self.meta(run_id)
-        if len(self._checked) > 10_000:
-            self._checked = {k: v for k, v in self._checked.items() if now - v[0] < self._heartbeat}
-        self._checked[run_id] = (now, meta)
-        return meta
 
-    async def _ended_before(self, resp: web.StreamResponse, meta: RunMeta, cursor: int) -> bool:
-        """True when the run has ended and nothing after ``cursor`` will ever come."""
-        if meta.status == "running" or cursor < meta.last_seq:
-            return False
-        if meta.incomplete == "overflow":
-            # The writer had to drop the rest of this run: say so, not wait forever.
-            error = {"message_type": "error_message", "error_type": "replay_incomplete"}
-            error["message"] = _lost_message(meta)
-            await resp.write(encode_event(orjson.dumps(error).decode(), event="error"))
-        # Otherwise the cursor is at or past the run's end (the reader saw [DONE] live before
-        # the writer stored it): its reconnect gets 204.
-        return True
+def _contiguous(entries: list[Entry], cursor: int) -> list[Entry]:
+    """The entries that follow ``cursor`` without a hole (seqs are contiguous when whole)."""
+    for i, entry in enumerate(entries):
+        if entry.seq != cursor + i + 1:
+            return entries[:i]
+    return entries
+
+
+def _loss(meta: RunMeta, seq: int) -> dict[str, Any] | None:
+    """Why event ``seq`` of the run is not stored, if the meta records a loss there."""
+    if seq <= meta.history_lost_through:
+        return {
+            "error_type": "history_lost",
+            "message": f"Redis lost this run's events up to seq {meta.history_lost_through} "
+            "(it restarted empty, was flushed, or failed over to an empty replica)",
+            "first_available_seq": meta.history_lost_through + 1,
+        }
+    hole = meta.lost_range_at(seq)
+    if hole is not None:
+        return {
+            "error_type": "events_lost",
+            "message": f"events {hole[0]}-{hole[1]} of this run were not stored (the writer's "
+            f"backlog was over its bound); resume after seq {hole[1]}",
+            "lost_from": hole[0],
+            "lost_to": hole[1],
+            "resume_after": hole[1],
+        }
+    return None
+
+
+def _vanished(cursor: int) -> dict[str, Any]:
+    return {
+        "error_type": "history_lost",
+        "message": f"this run vanished from Redis after seq {cursor} (Redis restarted empty, "
+        "was flushed, or failed over to an empty replica)",
+        "first_available_seq": None,
+    }
+
+
+def _fields(lost: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in lost.items() if k not in ("error_type", "message")}
 
 
 def ping_event(run_id: str) -> bytes:
@@ -347,11 +354,3 @@ def ping_event(run_id: str) -> bytes:
         "run_id": run_id,
     }
     return encode_event(orjson.dumps(ping).decode())
-
-
-def _lost_message(meta: RunMeta) -> str:
-    return f"events after seq {meta.last_seq} of this run were not stored ({meta.incomplete})"
-
-
-def _lost_extra(meta: RunMeta) -> dict[str, Any]:
-    return {"last_stored_seq": meta.last_seq, "reason": meta.incomplete}

@@ -1,109 +1,50 @@
-"""Run meta in Redis, and this process's registry of the runs it is producing.
+"""The runs this process produces: the registry that shutdown drains and cancel looks up, their
+lease renewals, the cancel requests of other replicas, and the sweep of orphaned runs.
 
-The meta hash (``sse:run:{<id>}:meta``) is written only through the writer's append script, so it
-always agrees with the stored events; this module reads it, renews producer leases, and keeps the
-local table that shutdown drains and cancel looks up.
+Leases: each running run's meta holds its producer and a lease deadline (Redis' clock), renewed
+every third of a lease through the writer, ahead of any backlog. A run whose lease has expired
+may be ended by any process as ``producer_lost``, but only by the sweep, and only when
+
+- the sweeping process is not producing it itself (a process never declares its own run lost),
+- the sweeping process has reached Redis without a break for a whole lease (a lease that lapsed
+  while Redis was down, frozen or failing over, for everybody, says nothing about its producer:
+  after such an outage every live producer renews first thing, well within that lease), and
+- Redis agrees, atomically, that the lease has expired (``finalize.lua``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import random
 import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from importlib import resources
-from typing import Any, Protocol
-
-import orjson
-from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from typing import Protocol
 
 from sidecar.background import Background
-from sidecar.keys import Keys, RunId, validate_run_id
-from sidecar.payload import render_event
-from sidecar.terminal import EndCause, Outcome, Tracker
-from sidecar.writer import RunStream, Writer, redis_text
+from sidecar.ending import Finalizer
+from sidecar.errors import StoreError
+from sidecar.keys import RunId, validate_run_id
+from sidecar.store import FinalizeStatus, RunMeta, RunStore, backoff
+from sidecar.telemetry import Metrics
+from sidecar.terminal import EndCause
+from sidecar.writer import RunStream, Writer
 
 log = logging.getLogger(__name__)
 
 # How long one wait for a cancel message lasts (a socket read, not a Redis command).
 LISTEN_POLL_SECONDS = 1.0
-FINALIZE_SCRIPT = resources.files("sidecar").joinpath("finalize.lua").read_text()
+# Runs the sweep looks at per pass (the rest wait for the next pass).
+SWEEP_BATCH = 256
 
 INSTANCE_ID = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def final_meta(outcome: Outcome) -> dict[str, str]:
-    """The meta fields a run's terminal sets."""
-    meta = {
-        "status": outcome.status.value,
-        "finished_ms": str(int(time.time() * 1000)),
-        "forced_done": outcome.forced_done.value if outcome.forced_done else "",
-        "stop_reason": outcome.stop_reason or "",
-    }
-    if outcome.error is not None:
-        meta["error"] = orjson.dumps(outcome.error).decode()
-    return meta
 
 
 def new_producer_id() -> str:
     """Unique per run attempt, so a run id reused in this process is a different producer."""
     return f"{INSTANCE_ID}:{uuid.uuid4().hex[:12]}"
-
-
-@dataclass(frozen=True, slots=True)
-class RunMeta:
-    run_id: str
-    status: str
-    stop_reason: str | None
-    error: Any | None
-    last_seq: int
-    created_ms: int | None
-    updated_ms: int | None
-    finished_ms: int | None
-    producer: str | None
-    lease_until_ms: int | None
-    forced_done: str | None
-    trace_id: str | None
-    incomplete: str | None
-    trimmed_events: int
-
-    @classmethod
-    def from_hash(cls, run_id: str, raw: dict[Any, Any]) -> RunMeta:
-        h = {redis_text(k): redis_text(v) for k, v in raw.items()}
-
-        def num(key: str) -> int | None:
-            value = h.get(key)
-            return int(value) if value else None
-
-        error = h.get("error")
-        return cls(
-            run_id=run_id,
-            status=h.get("status", "unknown"),
-            stop_reason=h.get("stop_reason") or None,
-            error=orjson.loads(error) if error else None,
-            last_seq=num("last_seq") or 0,
-            created_ms=num("created_ms"),
-            updated_ms=num("updated_ms"),
-            finished_ms=num("finished_ms"),
-            producer=h.get("producer"),
-            lease_until_ms=num("lease_until_ms"),
-            forced_done=h.get("forced_done") or None,
-            trace_id=h.get("trace_id") or None,
-            incomplete=h.get("incomplete") or None,
-            trimmed_events=num("trimmed_events") or 0,
-        )
-
-
-async def read_meta(redis: Redis, keys: Keys, run_id: RunId) -> RunMeta | None:
-    raw = await redis.hgetall(keys.meta(run_id))
-    return RunMeta.from_hash(run_id, raw) if raw else None
 
 
 class ActiveRun(Protocol):
@@ -123,11 +64,11 @@ class ActiveRun(Protocol):
 class RunRegistry:
     """Runs this process is producing, and the task that renews their leases."""
 
-    def __init__(self, writer: Writer, lease_seconds: float) -> None:
+    def __init__(self, writer: Writer, lease_seconds: float, metrics: Metrics) -> None:
         self._writer = writer
         self._lease_seconds = lease_seconds
         self._runs: dict[str, ActiveRun] = {}
-        self._background = Background("sse-leases", self._renew_leases)
+        self._background = Background("sse-leases", self._renew_leases, metrics)
 
     def __contains__(self, run_id: str) -> bool:
         return run_id in self._runs
@@ -140,6 +81,14 @@ class RunRegistry:
 
     def get(self, run_id: str) -> ActiveRun | None:
         return self._runs.get(run_id)
+
+    def meta(self, run_id: RunId) -> RunMeta | None:
+        """The meta of a run produced here, as it started: a run is known to its own process
+        before Redis has its claim (the first byte does not wait for it)."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return None
+        return RunMeta.from_hash(run_id, {**run.stream.initial, "last_seq": "0"})
 
     def add(self, run: ActiveRun) -> None:
         self._runs[run.run_id] = run
@@ -154,13 +103,15 @@ class RunRegistry:
     async def stop(self) -> None:
         await self._background.stop()
 
+    def renew_all(self, *, resend_initial: bool = False) -> None:
+        self._writer.renew((run.stream for run in self), resend_initial=resend_initial)
+
     async def _renew_leases(self) -> None:
         # Three renewals per lease: a run survives two lost round trips before it looks dead.
         interval = self._lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            for run in self:
-                self._writer.update_meta(run.stream, {})
+            self.renew_all()
 
     async def drain(
         self,
@@ -180,74 +131,71 @@ class RunRegistry:
                 await asyncio.wait(pending, timeout=5.0)
 
 
-async def end_orphaned_run(
-    redis: Redis,
-    keys: Keys,
-    run_id: RunId,
-    cause: EndCause,
-    *,
-    require_dead: bool,
-    ttl_seconds: int,
-    fill: bool,
-) -> Outcome | None:
-    """End a running run that no producer will end (lease expired, or cancelled without one).
+class OrphanSweep:
+    """Ends, as ``producer_lost``, the runs whose producer stopped renewing its lease.
 
-    Appends the synthesized terminal for ``cause`` and the final meta in one atomic script, so
-    that many readers on many replicas racing here end the run exactly once. Returns the outcome
-    when this call ended the run; None when the run had ended already, does not exist, or (with
-    ``require_dead``) its producer is still alive.
+    Reads the lease index (one command per pass, whatever the number of runs), so an orphaned
+    run is counted and ended without anybody reading it: within about a lease plus one pass.
     """
-    for _ in range(10):
-        meta = await read_meta(redis, keys, run_id)
-        if meta is None or meta.status != "running":
-            return None
-        tracker = Tracker(
-            stop_reason=meta.stop_reason, error=meta.error, saw_error=meta.error is not None
-        )
-        outcome = tracker.finish(cause)
-        now_ms = int(time.time() * 1000)
-        args: list[Any] = [new_producer_id(), meta.last_seq, "1" if require_dead else "0"]
-        args.append(ttl_seconds * 1000)
-        fields = final_meta(outcome)
-        args.append(len(fields))
-        for key, value in fields.items():
-            args += [key, value]
-        last = len(outcome.synthesized) - 1
-        for i, synth in enumerate(outcome.synthesized):
-            seq = meta.last_seq + i + 1
-            raw = render_event(
-                synth.data, event=synth.event, retry=None, seq=seq, run_id=run_id, fill=fill
-            )
-            args += [seq, raw, now_ms, "true" if i == last else "false"]
-        reply: Any = await redis.eval(
-            FINALIZE_SCRIPT, 2, keys.stream(run_id), keys.meta(run_id), *args
-        )
-        code = int(reply[0])
-        if code == 1:
-            log.warning(
-                "run ended without the upstream's [DONE]: forced %s",
-                cause.value,
-                extra={
-                    "run_id": run_id,
-                    "reason": cause.value,
-                    "saw_error": outcome.saw_error,
-                    "saw_done": outcome.saw_done,
-                },
-            )
-            return outcome
-        if code != -2:
-            return None
-    return None
+
+    def __init__(
+        self,
+        store: RunStore,
+        registry: RunRegistry,
+        finalizer: Finalizer,
+        metrics: Metrics,
+        *,
+        lease_seconds: float,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._finalizer = finalizer
+        self._lease_seconds = lease_seconds
+        self._m = metrics
+        self._background = Background("sse-orphan-sweep", self._loop, metrics)
+
+    def start(self) -> None:
+        self._background.start()
+
+    async def stop(self) -> None:
+        await self._background.stop()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_seconds / 3)
+            try:
+                await self.sweep()
+            except StoreError as exc:
+                self._m.redis_errors.labels("sweep").inc()
+                log.warning("orphan sweep failed, trying again next pass: %s", exc)
+
+    async def sweep(self) -> int:
+        """One pass; how many runs it ended."""
+        if self._store.health.up_for() < self._lease_seconds:
+            return 0
+        candidates = await self._store.expired_leases(int(time.time() * 1000), SWEEP_BATCH)
+        forget: list[RunId] = []
+        ended = 0
+        for run_id in candidates:
+            if run_id in self._registry:
+                continue  # ours: our writer renews it as soon as it can
+            status = await self._finalizer.end(run_id, EndCause.PRODUCER_LOST, require_dead=True)
+            if status is FinalizeStatus.ENDED:
+                ended += 1
+            if status is not FinalizeStatus.ALIVE:
+                forget.append(run_id)
+        await self._store.forget_leases(forget)
+        return ended
 
 
 class CancelListener:
     """Receives cancel requests published by any replica and cancels the runs produced here."""
 
-    def __init__(self, redis: Redis, channel: str, registry: RunRegistry) -> None:
-        self._redis = redis
-        self._channel = channel
+    def __init__(self, store: RunStore, registry: RunRegistry, metrics: Metrics) -> None:
+        self._store = store
         self._registry = registry
-        self._background = Background("sse-cancel-listener", self._loop)
+        self._m = metrics
+        self._background = Background("sse-cancel-listener", self._loop, metrics)
         self.subscribed = asyncio.Event()
 
     def start(self) -> None:
@@ -257,29 +205,23 @@ class CancelListener:
         await self._background.stop()
 
     async def _loop(self) -> None:
-        backoff = 0.05
+        retry = backoff(0.05, 2.0)
+        failures = 0
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._channel)
-                self.subscribed.set()
-                backoff = 0.05
-                while True:
-                    # get_message with a timeout, not listen(): listen() can swallow the
-                    # cancellation that stops this task (redis-py 8), hanging shutdown.
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS
-                    )
-                    if message is not None:
-                        self._cancel(redis_text(message.get("data", b"")))
-            except (redis_errors.RedisError, OSError) as exc:
+                async with self._store.cancel_requests() as requests:
+                    self.subscribed.set()
+                    failures = 0
+                    while True:
+                        run_id = await requests.next(LISTEN_POLL_SECONDS)
+                        if run_id is not None:
+                            self._cancel(run_id)
+            except StoreError as exc:
                 self.subscribed.clear()
+                failures += 1
+                self._m.redis_errors.labels("cancel").inc()
                 log.warning("cancel subscription lost, resubscribing: %s", exc)
-                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                with contextlib.suppress(redis_errors.RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await asyncio.sleep(retry(failures))
 
     def _cancel(self, raw: str) -> None:
         try:

@@ -18,14 +18,16 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace import Span
 
 from sidecar.config import Settings
+from sidecar.ending import record_end
 from sidecar.errors import EventTooLarge
 from sidecar.keys import RunId
 from sidecar.payload import parse_payload, render_event
-from sidecar.runs import RunRegistry, final_meta
+from sidecar.runs import RunRegistry
 from sidecar.sse import Comment, Event, SSEDecoder, encode_comment, encode_event
+from sidecar.store.meta import final_meta
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause, Outcome, Status, Tracker, Transition, is_done
 from sidecar.tracing import exemplar
@@ -55,8 +57,10 @@ class Tee:
         decompressor: Any | None,
         started: float,
         span: Span,
+        first: asyncio.Future[bytes] | None = None,
     ) -> None:
         self._run_id = run_id
+        self._first = first
         self._span = span
         self._bytes = 0
         self._counted_events = 0
@@ -181,6 +185,13 @@ class Tee:
         """Read the upstream until [DONE] (cause None) or until it ends some other way."""
         content = self._upstream.content
         try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                chunk = await first
+                if not chunk:
+                    return EndCause.EOF, None
+                if (end := await self._take(chunk)) is not None:
+                    return end
             async for chunk in content.iter_any():
                 if (end := await self._take(chunk)) is not None:
                     return end
@@ -297,42 +308,16 @@ class Tee:
             self._emit(synth.data, synth.event, None, None, final=outcome if i == last else None)
         await self._flush_client()
         self._m.runs_active.dec()
-        self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label).inc()
-        self._m.run_duration.labels(outcome.status.value).observe(
-            time.perf_counter() - self._started, exemplar(self._span)
-        )
-        self._span.set_attributes(
-            {
-                "sse.status": outcome.status.value,
-                "sse.stop_reason": outcome.stop_reason or "",
-                "sse.events": self._seq,
-                "sse.bytes": self._bytes,
-                "sse.forced_done": outcome.forced_done.value if outcome.forced_done else "",
-            }
-        )
-        if outcome.status is Status.FAILED:
-            self._span.set_status(StatusCode.ERROR, f"run {outcome.status.value}")
-        if outcome.forced_done is None:
-            log.debug("run finished: %s", outcome.status.value, extra={"run_id": self._run_id})
-            self._span.end()
-            return
-        self._m.forced_done.labels(outcome.forced_done.value).inc()
-        self._span.add_event(
-            "forced_done",
-            {"sse.reason": outcome.forced_done.value, "sse.detail": detail or ""},
+        self._span.set_attributes({"sse.events": self._seq, "sse.bytes": self._bytes})
+        record_end(
+            self._m,
+            outcome,
+            run_id=self._run_id,
+            duration=time.perf_counter() - self._started,
+            span=self._span,
+            detail=detail,
         )
         self._span.end()
-        log.warning(
-            "run ended without the upstream's [DONE]: forced %s",
-            outcome.forced_done.value,
-            extra={
-                "run_id": self._run_id,
-                "reason": outcome.forced_done.value,
-                "saw_error": outcome.saw_error,
-                "saw_done": outcome.saw_done,
-                "detail": detail,
-            },
-        )
 
 
 def _take_buffered(content: aiohttp.StreamReader) -> bytes:

@@ -40,8 +40,39 @@ REPLAY_OUTCOMES = (
     "forbidden",
     "not_found",
     "gone",
+    "lost",
     "unavailable",
     "slow_reader",
+)
+# Every reason of writer_dropped_events_total (README documents each).
+DROP_REASONS = (
+    "overflow",
+    "conflict",
+    "fenced",
+    "gap",
+    "redis_rejected",
+    "shutdown",
+    "history_lost",
+)
+# Every operation label of redis_errors_total.
+REDIS_OPERATIONS = (
+    "flush",
+    "append",
+    "follow",
+    "replay",
+    "api",
+    "sweep",
+    "probe",
+    "cancel",
+)
+# The supervised background tasks (background_crashes_total's label).
+BACKGROUND_TASKS = (
+    "sse-writer",
+    "sse-leases",
+    "sse-orphan-sweep",
+    "sse-cancel-listener",
+    "sse-follower",
+    "sse-redis-probe",
 )
 
 
@@ -128,8 +159,8 @@ class Metrics:
         )
         self.writer_dropped_events = Counter(
             p + "writer_dropped_events_total",
-            "Events that will never be stored, by reason (overflow, conflict, fenced, "
-            "redis_rejected, shutdown).",
+            "Events that will never be stored (or that Redis lost), by reason (overflow, "
+            "conflict, fenced, gap, redis_rejected, shutdown, history_lost).",
             ["reason"],
             registry=r,
         )
@@ -170,6 +201,24 @@ class Metrics:
             buckets=_HTTP_BUCKETS,
             registry=r,
         )
+        self.redis_up = Gauge(
+            p + "redis_up",
+            "1 while Redis answers this sidecar (as of its last command; a probe runs every "
+            "redis_probe_seconds), else 0.",
+            registry=r,
+        )
+        self.redis_data_lost = Counter(
+            p + "redis_data_lost_total",
+            "Times this sidecar found that Redis had lost its data (restarted empty, flushed, "
+            "failed over to an empty replica).",
+            registry=r,
+        )
+        self.background_crashes = Counter(
+            p + "background_crashes_total",
+            "Crashes of a background task (each is logged and the task restarted).",
+            ["task"],
+            registry=r,
+        )
         self.build_info = Info(p + "build", "Version of the running sidecar.", registry=r)
         self.build_info.info({"version": __version__})
         self._zero_known_series()
@@ -183,10 +232,12 @@ class Metrics:
             self.stream_transitions.labels(transition.value)
         for outcome in ("ok", "error"):
             self.flushes.labels(outcome)
-        for dropped in ("overflow", "conflict", "fenced", "gap", "redis_rejected", "shutdown"):
+        for dropped in DROP_REASONS:
             self.writer_dropped_events.labels(dropped)
-        for operation in ("claim", "flush", "append", "follow", "replay", "api"):
+        for operation in REDIS_OPERATIONS:
             self.redis_errors.labels(operation)
+        for task in BACKGROUND_TASKS:
+            self.background_crashes.labels(task)
         for outcome in REPLAY_OUTCOMES:
             self.replay_requests.labels(outcome)
         self.runs_started.labels("proxy")

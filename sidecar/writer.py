@@ -1,93 +1,90 @@
 """The group-commit writer: every run's events reach Redis in order, once, in few round trips.
 
-One task per process owns the Redis writes. An idle writer sends a run's first event at once;
-while a round trip is in flight, new events of all runs gather and go in the next one (at most
+One task per process owns the writes. An idle writer sends a run's first event at once; while a
+round trip is in flight, new events of all runs gather and go in the next one (at most
 ``flush_max_events`` per trip). So latency stays low at low load and batches grow with load, with
-no fixed timer. Each run's batch is one call of ``append.lua``: events and meta land atomically,
-and a batch retried after a lost reply is deduplicated by seq, so retries never duplicate.
+no fixed timer. Each run's batch is one call of the store's append script: events and meta land
+atomically, and a batch retried after a lost reply is deduplicated by seq.
+
+Claims and lease renewals never queue behind a backlog: every round trip carries all of them
+first, whatever the event budget, so a run's lease is renewed as soon as Redis answers again
+after an outage, before the orphan sweep of any replica could judge it.
 
 Failures: connection errors are retried with capped exponential backoff for as long as it takes
-(events stay buffered, in order); the buffered bytes are bounded by ``max_bytes``, past which new
-events of the run that hit the bound are dropped, counted, and the run is marked incomplete in its
-meta so that readers get an explicit error instead of a silent hole.
+(events stay buffered, in order). The buffered bytes are bounded by ``max_bytes``: an event that
+does not fit is dropped and counted, and the run is stored again once the backlog is under
+three quarters of the bound, its meta recording the lost seq ranges so that replays say where
+the holes are. A run's last event (its terminal) is never dropped, so every stored run ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from itertools import islice
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode, Tracer
-from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from sidecar.background import Background
-from sidecar.errors import RunConflict
-from sidecar.keys import Keys, RunId
+from sidecar.errors import StoreError
+from sidecar.keys import RunId
+from sidecar.store import AppendOp, AppendResult, AppendStatus, Pending, RunStore, backoff
+from sidecar.store import meta as fields
 from sidecar.telemetry import Metrics
 from sidecar.tracing import exemplar
 
 log = logging.getLogger(__name__)
-
-APPEND_SCRIPT = resources.files("sidecar").joinpath("append.lua").read_text()
-APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
-# Replies that mean the run can never be written again (another producer owns it, or its seq
-# numbers are broken); later meta updates of such a run are ignored too.
-_FATAL = {-1: "conflict", -2: "fenced", -3: "gap"}
 
 # Per-run script failures that are not connection errors (e.g. OOM) are retried this many times
 # before the run's buffered events are dropped, so one poisoned key cannot block the rest forever.
 MAX_SCRIPT_FAILURES = 8
 BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
-
-
-@dataclass(slots=True)
-class Pending:
-    seq: int
-    data: bytes
-    timestamp_ms: int
-    complete: bool
-    # Meta fields set with (or after) this event: written in the same round trip as the event,
-    # never earlier, so the meta always agrees with the stored events.
-    meta: dict[str, str] | None = None
+# A run that overflowed is stored again once the backlog is under this share of the bound (not
+# at the first byte of room, which would punch a hole every other event).
+RESUME_SHARE = 0.75
+# After this many holes a run stays unstored (but for its terminal): its lost ranges stay short.
+MAX_HOLES = 64
+# Claims and renewals one round trip carries at most (the rest go in the next one).
+MAX_URGENT = 4096
 
 
 @dataclass(eq=False, slots=True)
 class RunStream:
-    """The writer's view of one run, created by ``Writer.open``; dropped once fully written."""
+    """The writer's view of one run, created by ``Writer.open``."""
 
     run_id: RunId
     producer: str
-    stream_key: str
-    meta_key: str
+    initial: dict[str, str]  # the meta the run started with (sent again if Redis loses it)
     claimed: bool = False
+    # Resolved once Redis answered the claim: True, or the holder that refused it.
+    claim: asyncio.Future[bool | str] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     events: deque[Pending] = field(default_factory=deque)
     meta: dict[str, str] = field(default_factory=dict)  # fields newer than no pending event
     inflight: int = 0  # events at the head of ``events`` that a round trip is carrying now
     written_seq: int = 0  # the last seq Redis confirmed
     span_context: SpanContext | None = None  # the run's sse.run span, for flush span links
     pending_bytes: int = 0
-    dropped: str | None = None  # why this run's events are no longer stored, once they are not
-    fenced: bool = False  # nothing of this run can be written any more, meta included
+    dropping: bool = False  # events do not fit the backlog bound: they are being dropped
+    holes: int = 0
+    gap_before: int = 0  # the first seq stored after a hole (the script records the hole)
+    fenced: str | None = None  # why nothing of this run can be written any more
+    urgent: bool = False  # a claim, renewal or rebuild waits to be sent
     failures: int = 0
+    history_lost: bool = False
 
 
 class Writer:
     def __init__(
         self,
-        redis: Redis,
-        keys: Keys,
+        store: RunStore,
         metrics: Metrics,
         *,
         flush_max_events: int = 512,
@@ -95,27 +92,29 @@ class Writer:
         ttl_seconds: int = 10800,
         max_stream_events: int = 100000,
         lease_seconds: float = 30.0,
-        command_timeout: float = 2.0,
         tracer: Tracer | None = None,
     ) -> None:
-        self._redis = redis
-        self._keys = keys
+        self._store = store
         self._m = metrics
         self._max_events = flush_max_events
         self._max_bytes = max_bytes
-        self._ttl_ms = str(ttl_seconds * 1000)
-        self._maxlen = str(max_stream_events)
-        self._lease_ms = str(int(lease_seconds * 1000))
-        self._timeout = command_timeout
+        self._resume_bytes = int(max_bytes * RESUME_SHARE)
+        self._ttl_ms = ttl_seconds * 1000
+        self._maxlen = max_stream_events
+        self._lease_ms = int(lease_seconds * 1000)
         self._tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._dirty: OrderedDict[RunStream, None] = OrderedDict()
+        self._urgent: OrderedDict[RunStream, None] = OrderedDict()
+        self._leases: dict[RunId, int] = {}  # lease index additions for the next round trip
+        self._ended: set[RunId] = set()  # lease index removals for the next round trip
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._pending_events = 0
         self._pending_bytes = 0
-        self._background = Background("sse-writer", self._loop)
-        self._backoff = BACKOFF_START
+        self._background = Background("sse-writer", self._loop, metrics)
+        self._backoff = backoff(BACKOFF_START, BACKOFF_MAX)
+        self._failed_rounds = 0
         # Read at scrape time: setting a gauge on every append would take a lock per event.
         metrics.writer_pending_events.set_function(lambda: self._pending_events)
         metrics.writer_pending_bytes.set_function(lambda: self._pending_bytes)
@@ -153,48 +152,30 @@ class Writer:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
+    @property
+    def store_down(self) -> bool:
+        """Whether the last command the process sent to Redis failed."""
+        return self._store.health.down
+
     # -- producer API ------------------------------------------------------------------------
 
-    async def open(
+    def open(
         self,
         run_id: RunId,
         producer: str,
         meta: Mapping[str, str],
         span_context: SpanContext | None = None,
     ) -> RunStream:
-        """Claim ``run_id`` for ``producer`` and write its initial meta in one round trip.
+        """Start ``run_id`` for ``producer``: its claim and initial meta go in the next round trip.
 
-        Raises ``RunConflict`` when another producer holds a live lease on the run. When Redis
-        cannot be reached the run is still opened: the claim travels with its first write, so a
-        Redis outage never blocks the live stream.
+        Never waits on Redis: ``run.claim`` resolves when Redis answered (True, or the producer
+        that holds the run). Until then, and whatever the answer, events can be appended; a run
+        whose claim was refused is fenced and stores nothing.
         """
-        run = RunStream(
-            run_id,
-            producer,
-            self._keys.stream(run_id),
-            self._keys.meta(run_id),
-            span_context=span_context,
-        )
-        try:
-            reply = await asyncio.wait_for(
-                self._call_script(run, claim=True, meta=meta, events=()), self._timeout
-            )
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
-            self._m.redis_errors.labels("claim").inc()
-            log.warning(
-                "cannot claim run in Redis, continuing and retrying in the writer: %s",
-                exc,
-                extra={"run_id": run_id},
-            )
-            run.meta.update(meta)
-            self._mark_dirty(run)
-            return run
-        code = int(reply[0])
-        if code == -1:
-            raise RunConflict(run_id, redis_text(reply[1]))
-        if code != 0:
-            raise RuntimeError(f"unexpected claim reply {reply!r}")
-        run.claimed = True
+        run = RunStream(run_id, producer, dict(meta), span_context=span_context)
+        run.meta.update(meta)
+        self._leases[run_id] = self._deadline()
+        self._mark_urgent(run)
         return run
 
     def append(
@@ -208,35 +189,85 @@ class Writer:
         timestamp_ms: int | None = None,
     ) -> bool:
         """Queue one event (and meta fields to set with it); False if it will not be stored."""
-        if run.fenced:
-            self._m.writer_dropped_events.labels(run.dropped or "fenced").inc()
+        if run.fenced is not None:
+            self._m.writer_dropped_events.labels(run.fenced).inc()
             return False
-        if run.dropped is None and self._pending_bytes + len(data) > self._max_bytes:
-            self._start_dropping(run, "overflow", seq)
-        if run.dropped is not None:
-            # The event is lost, but what it says about the run (e.g. its final status) is not.
-            self._m.writer_dropped_events.labels(run.dropped).inc()
+        size = len(data)
+        # The terminal is always stored (replay readers end at it); the bound may be exceeded
+        # by that one event per run.
+        if not complete and self._overflows(run, seq, size):
+            self._m.writer_dropped_events.labels("overflow").inc()
             if meta:
+                # The event is lost, but what it says about the run (e.g. its status) is not.
                 self._add_meta(run, meta)
                 self._mark_dirty(run)
             return False
+        if run.dropping:
+            self._resume(run, seq)
         ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
         run.events.append(Pending(seq, data, ts, complete, dict(meta) if meta else None))
-        run.pending_bytes += len(data)
+        run.pending_bytes += size
         self._pending_events += 1
-        self._pending_bytes += len(data)
+        self._pending_bytes += size
         self._mark_dirty(run)
         return True
 
     def update_meta(self, run: RunStream, meta: Mapping[str, str]) -> None:
-        """Set meta fields; an empty mapping just renews the producer's lease and the TTL."""
-        if run.fenced:
+        """Set meta fields, written with the run's newest pending event (or alone)."""
+        if run.fenced is not None or not meta:
             return
-        if meta:
-            self._add_meta(run, meta)
+        self._add_meta(run, meta)
         self._mark_dirty(run)
 
+    def renew(self, runs: Iterable[RunStream], *, resend_initial: bool = False) -> None:
+        """Renew these runs' leases in the next round trip, ahead of any backlog.
+
+        ``resend_initial``: Redis lost its data; write the runs' initial meta again too (the
+        append script rebuilds a vanished meta, marking the lost history).
+        """
+        deadline = self._deadline()
+        for run in runs:
+            if run.fenced is not None:
+                continue
+            self._leases[run.run_id] = deadline
+            if resend_initial:
+                initial = {k: v for k, v in run.initial.items() if k != fields.STATUS}
+                self._add_meta(run, initial)
+            self._mark_urgent(run)
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _deadline(self) -> int:
+        return int(time.time() * 1000) + self._lease_ms
+
+    def _overflows(self, run: RunStream, seq: int, size: int) -> bool:
+        """Whether this event must be dropped; starts (and logs) a run's dropping."""
+        if run.dropping:
+            return run.holes >= MAX_HOLES or self._pending_bytes + size > self._resume_bytes
+        if self._pending_bytes + size <= self._max_bytes:
+            return False
+        run.dropping = True
+        if run.holes == 0:
+            self._add_meta(run, {fields.INCOMPLETE: fields.OVERFLOW})
+            log.error(
+                "run %s: the writer backlog is over writer_max_bytes; dropping its events from "
+                "seq %d until there is room (the lost seqs are recorded; replays report them)",
+                run.run_id,
+                seq,
+                extra={"run_id": run.run_id, "reason": "overflow", "seq": seq},
+            )
+        return True
+
+    def _resume(self, run: RunStream, seq: int) -> None:
+        run.dropping = False
+        run.holes += 1
+        run.gap_before = seq
+        log.info(
+            "run %s: stored again from seq %d after a hole",
+            run.run_id,
+            seq,
+            extra={"run_id": run.run_id, "seq": seq},
+        )
 
     def _add_meta(self, run: RunStream, meta: Mapping[str, str]) -> None:
         """Attach meta to the newest event not yet in flight, so it lands with (not before) it."""
@@ -246,22 +277,16 @@ class Writer:
         else:
             run.meta.update(meta)
 
-    def _start_dropping(self, run: RunStream, reason: str, seq: int) -> None:
-        run.dropped = reason
-        self._add_meta(run, {"incomplete": reason, "dropped_from_seq": str(seq)})
-        log.error(
-            "run %s: dropping events from seq %d on (%s); replay will report the gap",
-            run.run_id,
-            seq,
-            reason,
-            extra={"run_id": run.run_id, "reason": reason},
-        )
-
     def _mark_dirty(self, run: RunStream) -> None:
         if run not in self._dirty:
             self._dirty[run] = None
         self._idle.clear()
         self._wake.set()
+
+    def _mark_urgent(self, run: RunStream) -> None:
+        run.urgent = True
+        self._urgent[run] = None
+        self._mark_dirty(run)
 
     def _discard(self, run: RunStream, reason: str, *, count: bool = True) -> None:
         """Give up on a run's buffered events (they can never be written)."""
@@ -274,39 +299,60 @@ class Writer:
         run.inflight = 0
         run.pending_bytes = 0
         run.meta.clear()
-        run.dropped = run.dropped or reason
+        run.fenced = run.fenced or reason
+        run.urgent = False
         self._dirty.pop(run, None)
+        self._urgent.pop(run, None)
+        self._leases.pop(run.run_id, None)
+        if not run.claim.done():
+            run.claim.set_result(reason)
         self._after_change()
 
     def _after_change(self) -> None:
-        if not self._dirty:
+        if not self._dirty and not self._leases and not self._ended:
             self._idle.set()
 
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._dirty:
+            while self._dirty or self._leases or self._ended:
                 if await self._round():
-                    self._backoff = BACKOFF_START
+                    self._failed_rounds = 0
                 else:
                     # Jittered so that many sidecars do not hammer a recovering Redis in step.
-                    await asyncio.sleep(self._backoff * (0.5 + random.random() / 2))
-                    self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                    self._failed_rounds += 1
+                    await asyncio.sleep(self._backoff(self._failed_rounds))
+
+    def _batch(self) -> list[tuple[RunStream, int, dict[str, str]]]:
+        """(run, events carried, standalone meta sent): urgent runs first, then by budget."""
+        batch: list[tuple[RunStream, int, dict[str, str]]] = []
+        budget = self._max_events
+        for run in islice(self._urgent, MAX_URGENT):
+            n = min(len(run.events), max(budget, 0))
+            batch.append((run, n, dict(run.meta)))
+            budget -= n
+        for run in self._dirty:
+            if budget <= 0:
+                break
+            if run.urgent:
+                continue
+            n = min(len(run.events), budget)
+            batch.append((run, n, dict(run.meta)))
+            budget -= n
+        for run, n, _ in batch:
+            run.inflight = n
+        return batch
 
     async def _round(self) -> bool:
         """One round trip for as many runs as fit; True unless something has to be retried."""
-        # (run, events carried, standalone meta sent): a run with no events and no meta is a
-        # lease renewal, which the script performs on every call.
-        batch: list[tuple[RunStream, int, dict[str, str]]] = []
-        budget = self._max_events
-        for run in self._dirty:
-            n = min(len(run.events), budget)
-            run.inflight = n
-            batch.append((run, n, dict(run.meta)))
-            budget -= n
-            if budget <= 0:
-                break
+        batch = self._batch()
+        leases, ended = dict(self._leases), list(self._ended)
+        self._leases.clear()
+        self._ended.clear()
+        if not batch:
+            # Only lease-index bookkeeping (e.g. runs that ended): not a flush of any run.
+            return await self._send(batch, leases, ended, trace.INVALID_SPAN) != "error"
         n_events = sum(n for _, n, _ in batch)
         links = [Link(run.span_context) for run, _, _ in batch if run.span_context is not None]
         with self._tracer.start_as_current_span(
@@ -315,92 +361,140 @@ class Writer:
             links=links,
             attributes={"sse.flush.events": n_events, "sse.flush.runs": len(batch)},
         ) as span:
-            outcome = await self._send(batch, span)
+            outcome = await self._send(batch, leases, ended, span)
             span.set_attribute("sse.flush.outcome", outcome)
             if outcome != "ok":
                 span.set_status(StatusCode.ERROR)
         self._m.flushes.labels("ok" if outcome == "ok" else "error").inc()
-        if outcome == "ok":
-            return True
-        if outcome == "noscript":
-            # Redis restarted (or SCRIPT FLUSH): load the script, then retry at once.
-            try:
-                await self._redis.script_load(APPEND_SCRIPT)
-            except (redis_errors.RedisError, OSError):
-                return False
-            return True
-        return False
+        return outcome != "error"
 
-    async def _send(self, batch: list[tuple[RunStream, int, dict[str, str]]], span: Span) -> str:
-        """The round trip itself; its outcome: ok, noscript, error (retry after backoff)."""
+    async def _send(
+        self,
+        batch: list[tuple[RunStream, int, dict[str, str]]],
+        leases: dict[RunId, int],
+        ended: list[RunId],
+        span: Span,
+    ) -> str:
+        """The round trip itself; its outcome: ok, retry (send again now), error (back off)."""
+        ops: list[AppendOp] = []
+        for run, n, standalone in batch:
+            events = list(islice(run.events, n))
+            meta = dict(standalone)
+            for ev in events:
+                if ev.meta:
+                    meta.update(ev.meta)
+            gap = run.gap_before > run.written_seq and any(
+                ev.seq >= run.gap_before for ev in events
+            )
+            ops.append(
+                AppendOp(
+                    run.run_id, run.producer, not run.claimed, run.written_seq, gap, meta, events
+                )
+            )
         started = time.perf_counter()
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for run, n, standalone in batch:
-                    events = list(islice(run.events, n))
-                    meta = dict(standalone)
-                    for ev in events:
-                        if ev.meta:
-                            meta.update(ev.meta)
-                    self._queue_script(pipe, run, meta, events)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-        except (redis_errors.RedisError, OSError) as exc:
+            results = await self._store.append(
+                ops,
+                lease_ttl_ms=self._lease_ms,
+                stream_ttl_ms=self._ttl_ms,
+                maxlen=self._maxlen,
+                leases=leases,
+                ended=ended,
+            )
+        except StoreError as exc:
             for run, _, _ in batch:
                 run.inflight = 0
+            # Nothing is known to have happened: send the lease updates again too.
+            for run_id, deadline in leases.items():
+                self._leases.setdefault(run_id, deadline)
+            self._ended.update(ended)
             self._m.redis_errors.labels("flush").inc()
             span.record_exception(exc)
             log.warning("writer round trip failed, will retry: %s", exc)
             return "error"
-        self._m.flush_duration.observe(time.perf_counter() - started, exemplar(span))
-        self._m.flush_batch_events.observe(sum(n for _, n, _ in batch))
+        if batch:
+            self._m.flush_duration.observe(time.perf_counter() - started, exemplar(span))
+            self._m.flush_batch_events.observe(sum(n for _, n, _ in batch))
         outcome = "ok"
-        for (run, n, meta), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, redis_errors.NoScriptError):
-                run.inflight = 0
-                outcome = "noscript" if outcome == "ok" else outcome
-            elif isinstance(reply, Exception):
-                run.inflight = 0
-                outcome = "error"
-                self._script_failed(run, reply)
+        for (run, n, standalone), result in zip(batch, results, strict=True):
+            run.inflight = 0
+            if result.status is AppendStatus.OK:
+                self._settle(run, n, standalone, result)
+            elif result.status is AppendStatus.RETRY:
+                outcome = "retry"
+            elif result.status is AppendStatus.REJECTED:
+                self._script_failed(run, result.detail)
             else:
-                self._settle(run, n, meta, reply)
+                self._refused(run, result)
         self._after_change()
         return outcome
 
-    def _settle(self, run: RunStream, n: int, standalone: dict[str, str], reply: Any) -> None:
-        code = int(reply[0])
-        run.inflight = 0
-        if code == 0:
+    def _settle(
+        self, run: RunStream, n: int, standalone: dict[str, str], result: AppendResult
+    ) -> None:
+        run.failures = 0
+        if not run.claimed:
             run.claimed = True
-            run.failures = 0
-            run.written_seq = int(reply[3])
-            for _ in range(n):
-                ev = run.events.popleft()
-                run.pending_bytes -= len(ev.data)
-                self._pending_bytes -= len(ev.data)
-            self._pending_events -= n
-            trimmed = int(reply[2])
-            if trimmed:
-                self._m.stream_trimmed_events.inc(trimmed)
-            for key, value in standalone.items():
-                if run.meta.get(key) == value:
-                    del run.meta[key]
-            if not run.events and not run.meta:
-                self._dirty.pop(run, None)
-            return
-        holder = redis_text(reply[1])
-        reason = _FATAL.get(code, "redis_rejected")
+            if not run.claim.done():
+                run.claim.set_result(True)
+        if result.rebuilt:
+            self._history_lost(run)
+        run.written_seq = result.last_seq
+        complete = False
+        for _ in range(n):
+            ev = run.events.popleft()
+            complete = complete or ev.complete
+            run.pending_bytes -= len(ev.data)
+            self._pending_bytes -= len(ev.data)
+        self._pending_events -= n
+        if complete:
+            self._ended.add(run.run_id)
+            self._wake.set()
+        if result.trimmed:
+            self._m.stream_trimmed_events.inc(result.trimmed)
+        for key, value in standalone.items():
+            if run.meta.get(key) == value:
+                del run.meta[key]
+        if run.urgent and not result.rebuilt:
+            run.urgent = False
+            self._urgent.pop(run, None)
+        if not run.events and not run.meta and not run.urgent:
+            self._dirty.pop(run, None)
+
+    def _history_lost(self, run: RunStream) -> None:
+        """Redis no longer had the run (restarted empty, flushed, failed over to an empty
+        replica): its meta was rebuilt; say so once, count the events it had, and write the
+        initial meta again in the next round trip."""
+        if not run.history_lost and run.written_seq:
+            run.history_lost = True
+            self._m.writer_dropped_events.labels("history_lost").inc(run.written_seq)
+            log.error(
+                "run %s: Redis lost its stored events 1-%d (restarted empty or flushed); the "
+                "run is stored on from here and replays report history_lost",
+                run.run_id,
+                run.written_seq,
+                extra={"run_id": run.run_id, "reason": "history_lost"},
+            )
+        self._add_meta(run, {k: v for k, v in run.initial.items() if k != fields.STATUS})
+        self._leases[run.run_id] = self._deadline()
+
+    def _refused(self, run: RunStream, result: AppendResult) -> None:
+        reason = result.status.value
         log.error(
             "run %s: Redis refused the write (%s, holder/last %s); its events are dropped",
             run.run_id,
             reason,
-            holder,
+            result.detail,
             extra={"run_id": run.run_id, "reason": reason},
         )
-        run.fenced = True
+        if not run.claim.done():
+            run.claim.set_result(
+                result.detail if result.status is AppendStatus.CONFLICT else reason
+            )
+        run.fenced = reason
         self._discard(run, reason)
 
-    def _script_failed(self, run: RunStream, exc: Exception) -> None:
+    def _script_failed(self, run: RunStream, detail: str) -> None:
         run.failures += 1
         self._m.redis_errors.labels("append").inc()
         log.warning(
@@ -408,58 +502,8 @@ class Writer:
             run.run_id,
             run.failures,
             MAX_SCRIPT_FAILURES,
-            exc,
+            detail,
             extra={"run_id": run.run_id},
         )
         if run.failures >= MAX_SCRIPT_FAILURES:
             self._discard(run, "redis_rejected")
-
-    def _args(
-        self, run: RunStream, claim: bool, meta: Mapping[str, str], events: Sequence[Pending]
-    ) -> list[Any]:
-        args: list[Any] = [
-            run.producer,
-            "1" if claim else "0",
-            self._lease_ms,
-            self._ttl_ms,
-            self._maxlen,
-            run.written_seq,
-            len(meta),
-        ]
-        for key, value in meta.items():
-            args.append(key)
-            args.append(value)
-        for ev in events:
-            args.append(ev.seq)
-            args.append(ev.data)
-            args.append(ev.timestamp_ms)
-            args.append("true" if ev.complete else "false")
-        return args
-
-    def _queue_script(
-        self, pipe: Any, run: RunStream, meta: Mapping[str, str], events: Sequence[Pending]
-    ) -> None:
-        args = self._args(run, not run.claimed, meta, events)
-        pipe.execute_command("EVALSHA", APPEND_SHA, 2, run.stream_key, run.meta_key, *args)
-
-    async def _call_script(
-        self, run: RunStream, *, claim: bool, meta: Mapping[str, str], events: Sequence[Pending]
-    ) -> Any:
-        cmd = (
-            "EVALSHA",
-            APPEND_SHA,
-            2,
-            run.stream_key,
-            run.meta_key,
-            *self._args(run, claim, meta, events),
-        )
-        try:
-            return await self._redis.execute_command(*cmd)  # type: ignore[no-untyped-call]
-        except redis_errors.NoScriptError:
-            await self._redis.script_load(APPEND_SCRIPT)
-        return await self._redis.execute_command(*cmd)  # type: ignore[no-untyped-call]
-
-
-def redis_text(value: Any) -> str:
-    """A Redis reply value as text (replies are bytes unless decode_responses is set)."""
-    return value.decode() if isinstance(value, bytes) else str(value)

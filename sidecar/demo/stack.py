@@ -30,13 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
-from sidecar.errors import InvalidRunId
+from sidecar.errors import InvalidRunId, StoreError
 from sidecar.keys import Keys, RunId, validate_run_id
-from sidecar.runs import RunMeta, read_meta
 from sidecar.sse import Event, SSEDecoder
+from sidecar.store import RunMeta, RunStore
 from sidecar.terminal import DONE_DATA
 
 REDIS_MISSING = (
@@ -246,15 +244,16 @@ async def _quickstart(args: argparse.Namespace, stack: Stack) -> int:
 
 async def _tour(args: argparse.Namespace, stack: Stack) -> int:
     ports = Ports.from_args(args)
-    async with (
-        aiohttp.ClientSession() as http,
-        Redis(host=HOST, port=ports.redis, socket_connect_timeout=2, socket_timeout=5) as redis,
-    ):
-        await _start(stack, ports, http, redis)
-        reports = [await _drive(http, redis, ports, scenario) for scenario in EXPECTED]
-        for report in reports:
-            await _replay(http, ports, report)
-        ok = _print_summary(reports, await _scrape_metrics(http, ports))
+    redis = RunStore(f"redis://{HOST}:{ports.redis}/0", KEYS, max_connections=2, timeout=2.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _start(stack, ports, http, redis)
+            reports = [await _drive(http, redis, ports, scenario) for scenario in EXPECTED]
+            for report in reports:
+                await _replay(http, ports, report)
+            ok = _print_summary(reports, await _scrape_metrics(http, ports))
+    finally:
+        await redis.aclose()
     if args.once:
         return 0 if ok else 1
     _print_try_it(ports, reports)
@@ -272,7 +271,7 @@ async def _start(
     stack: Stack,
     ports: Ports,
     http: aiohttp.ClientSession,
-    redis: Redis,
+    redis: RunStore,
 ) -> None:
     redis_server = shutil.which("redis-server")
     if redis_server is None:
@@ -333,12 +332,12 @@ def _started(child: Child, url: str, note: str = "") -> None:
 Probe = Callable[[], Awaitable[str | None]]
 
 
-def _redis_ping(redis: Redis) -> Probe:
+def _redis_ping(redis: RunStore) -> Probe:
     async def probe() -> str | None:
         try:
-            await redis.ping()
-        except (redis_errors.RedisError, OSError) as exc:
-            return str(exc) or type(exc).__name__
+            await redis.probe()
+        except StoreError as exc:
+            return str(exc)
         return None
 
     return probe
@@ -376,7 +375,7 @@ async def _until_ready(child: Child, what: str, probe: Probe) -> None:
 
 
 async def _drive(
-    http: aiohttp.ClientSession, redis: Redis, ports: Ports, scenario: str
+    http: aiohttp.ClientSession, redis: RunStore, ports: Ports, scenario: str
 ) -> RunReport:
     """One stream through the sidecar, read to the end; then what Redis holds for it."""
     report = RunReport(scenario)
@@ -408,7 +407,7 @@ async def _drive(
         return report
     report.run_id = run_id
     report.meta = await _settled_meta(redis, run_id)
-    report.stored = await redis.xlen(KEYS.stream(run_id))
+    report.stored = await redis.length(run_id)
     _check(report, last)
     return report
 
@@ -435,12 +434,12 @@ async def _replay(http: aiohttp.ClientSession, ports: Ports, report: RunReport) 
         )
 
 
-async def _settled_meta(redis: Redis, run_id: RunId) -> RunMeta | None:
+async def _settled_meta(redis: RunStore, run_id: RunId) -> RunMeta | None:
     """The run's meta once it is no longer ``running`` (the writer commits asynchronously)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SETTLE_TIMEOUT
     while True:
-        meta = await read_meta(redis, KEYS, run_id)
+        meta = await redis.meta(run_id)
         if (meta is not None and meta.status != "running") or loop.time() > deadline:
             return meta
         await asyncio.sleep(0.05)

@@ -131,9 +131,13 @@ def replay_outcomes(registry: Any) -> dict[str, float]:
     return {dict(labels)["outcome"]: value for labels, value in found.items()}
 
 
+# Keys every sidecar keeps whatever its runs: the epoch (data-loss detection) and lease index.
+PROCESS_KEYS = frozenset({"sse:run:epoch", "sse:run:leases"})
+
+
 async def redis_keys(client: redis.asyncio.Redis) -> list[str]:
-    """Every key in the test Redis, sorted."""
-    return sorted(_s(k) for k in await client.keys("*"))
+    """Every key in the test Redis but the sidecar's own process keys, sorted."""
+    return sorted(k for k in (_s(k) for k in await client.keys("*")) if k not in PROCESS_KEYS)
 
 
 # -- appended: polling with a deadline, and reading a live SSE response incrementally ---------

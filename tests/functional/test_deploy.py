@@ -790,7 +790,7 @@ def test_wheel_installs_the_entrypoint_and_its_files(wheel_venv: Path) -> None:
             "-c",
             "import sidecar, importlib.resources as r; print(sidecar.__file__); "
             "print(all(r.files('sidecar').joinpath(f).is_file() "
-            "for f in ('append.lua', 'finalize.lua', 'py.typed')))",
+            "for f in ('store/append.lua', 'store/finalize.lua', 'py.typed')))",
         ],
         capture_output=True,
         text=True,

@@ -192,7 +192,8 @@ async def live_replay(
 async def orphan(
     redis_client: redis.asyncio.Redis, http: aiohttp.ClientSession, sc: Sidecar
 ) -> None:
-    """A run whose producer died (its lease expired): a status call ends it with producer_lost."""
+    """A run whose producer died (its lease expired): the orphan sweep ends it with
+    producer_lost."""
     run_id = RunId(f"orphan-{time.monotonic_ns()}")
     now_ms = int(time.time() * 1000)
     await write_run(
@@ -208,9 +209,14 @@ async def orphan(
             "route": "proxy",
         },
     )
-    async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}") as resp:
-        assert resp.status == 200
-        assert (await resp.json())["forced_done"] == "producer_lost"
+    await redis_client.zadd("sse:run:leases", {run_id: now_ms - 1000})
+
+    async def swept() -> bool:
+        async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}") as resp:
+            assert resp.status == 200
+            return (await resp.json())["forced_done"] == "producer_lost"
+
+    await eventually(swept, what="the orphan sweep")
 
 
 async def wave(
@@ -253,7 +259,7 @@ async def test_the_dashboard_and_rules_on_a_real_prometheus(
 ) -> None:
     # One Prometheus for every check: it takes 5 s to start scraping (its discovery manager
     # sends the first targets after 5 s), the rest takes a few seconds.
-    sc = await make_sidecar(max_stream_events=5)
+    sc = await make_sidecar(max_stream_events=5, lease_seconds=0.6)
     prom = await prometheus_for(sc)
 
     # Two waves, each scraped before the next: a labelled series first created by wave 1 (a new

@@ -22,6 +22,8 @@ import aiohttp
 import pytest
 import redis.asyncio
 
+from sidecar.app import STORE
+from sidecar.errors import StoreUnavailable
 from sidecar.keys import RunId
 from tests.conftest import Gate, RedisServer, Sidecar, SidecarFactory, Step, Upstream, free_port
 from tests.functional.helpers import (
@@ -135,10 +137,19 @@ def producer_lost_tail(first: int, run_id: str) -> bytes:
 
 
 async def write_orphan(
-    redis_client: redis.asyncio.Redis, run_id: RunId, n: int, lease_until_ms: int
+    redis_client: redis.asyncio.Redis,
+    run_id: RunId,
+    n: int,
+    lease_until_ms: int,
+    *,
+    indexed_ms: int | None = None,
 ) -> bytes:
     """A running run of ``n`` events whose producer holds a lease until ``lease_until_ms``,
-    written straight into Redis in the writer's format; returns the stored bytes."""
+    written straight into Redis in the writer's format, and in the lease index (with
+    ``indexed_ms``, else the lease); returns the stored bytes."""
+    await redis_client.zadd(
+        "sse:run:leases", {run_id: lease_until_ms if indexed_ms is None else indexed_ms}
+    )
     events = [ev(i, msg(f"t{i}", i, run_id)) for i in range(1, n + 1)]
     now_ms = int(time.time() * 1000)
     await write_run(
@@ -317,6 +328,11 @@ async def test_a_reader_attached_before_the_first_event_gets_everything(
     async with http.post(sc.url + PATH, json={}) as live_resp:
         run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
         await gate.reached.wait()
+
+        async def claimed() -> bool:
+            return bool(await meta(redis_client, run_id))
+
+        await eventually(claimed, what="the run's claim in Redis")
         # The run exists (its meta says running) but has no event yet.
         assert await stored(redis_client, run_id) == []
         m = await meta(redis_client, run_id)
@@ -645,7 +661,7 @@ async def test_events_lost_by_the_writer_are_reported_not_skipped(
     http: aiohttp.ClientSession,
 ) -> None:
     # One small event fits the writer's bound; the next is larger than the bound on its own, so
-    # it and everything after it are dropped (the live client still gets them all).
+    # it is dropped (the live client still gets it); the run is stored again after it.
     sc = await make_sidecar(writer_max_bytes=500, heartbeat_seconds=0.2)
     live = await finished_run(
         upstream, http, sc, [token("a"), token("x" * 1000), stop("end_turn"), DONE]
@@ -653,34 +669,46 @@ async def test_events_lost_by_the_writer_are_reported_not_skipped(
     events = check_whole(live.body)
     assert len(events) == 4
     r = live.run_id
-    assert [row["data"].encode() for row in await stored(redis_client, r)] == events[:1]
+    rows = await stored(redis_client, r)
+    assert [int(row["seq_id"]) for row in rows] == [1, 3, 4]
+    assert [row["data"].encode() for row in rows] == [events[0], events[2], events[3]]
     m = await meta(redis_client, r)
-    assert (m["status"], m["last_seq"], m["incomplete"]) == ("completed", "1", "overflow")
-    assert sc.metric(P + "writer_dropped_events_total", reason="overflow") == 3
-    # Nothing stored after the cursor, and the run is over: not a 204 but a 410.
-    for headers in ({"Last-Event-ID": "1"}, {"Last-Event-ID": "3"}):
-        got = await replay(http, sc, r, headers=headers)
-        assert got.status == 410
-        assert error_body(got) == {
-            "type": "events_lost",
-            "message": "events after seq 1 of this run were not stored (overflow)",
-            "last_stored_seq": 1,
-            "reason": "overflow",
-        }
-    # From 0: what was stored, then at once an explicit error instead of a silent hole, and
-    # the stream ends.
-    got = await replay(http, sc, r, timeout=aiohttp.ClientTimeout(total=5))
-    assert got.status == 200
+    assert (m["status"], m["last_seq"], m["incomplete"]) == ("completed", "4", "overflow")
+    assert (m["lost_ranges"], m["lost_events"]) == ("2-2", "1")
+    assert sc.metric(P + "writer_dropped_events_total", reason="overflow") == 1
     lost = {
-        "message_type": "error_message",
-        "error_type": "replay_incomplete",
-        "message": "events after seq 1 of this run were not stored (overflow)",
+        "lost_from": 2,
+        "lost_to": 2,
+        "resume_after": 2,
     }
-    lost_event = f"event: error\ndata: {json.dumps(lost, separators=(',', ':'))}\n\n".encode()
-    assert got.body == events[0] + lost_event
+    message = (
+        "events 2-2 of this run were not stored (the writer's backlog was over its bound); "
+        "resume after seq 2"
+    )
+    # A cursor right before the hole: 410 with the range and where to resume.
+    got = await replay(http, sc, r, headers={"Last-Event-ID": "1"})
+    assert got.status == 410
+    assert error_body(got) == {"type": "events_lost", "message": message, **lost}
+    # From 0: what was stored before the hole, then an explicit error event instead of a
+    # silent skip, and the stream is cut (its reconnect gets the 410 above).
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await replay(http, sc, r, timeout=aiohttp.ClientTimeout(total=5))
+    async with http.get(sc.url + stream_path(r)) as resp:
+        reader = LiveReader(resp)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reader.rest()
+    error_event: dict[str, object] = {"message_type": "error_message"}
+    error_event |= {"error_type": "events_lost", "message": message, **lost}
+    wire = json.dumps(error_event, separators=(",", ":"))
+    assert reader.body == events[0] + f"event: error\ndata: {wire}\n\n".encode()
+    # After the hole, the replay works.
+    after = await replay(http, sc, r, headers={"Last-Event-ID": "2"})
+    assert after.status == 200
+    assert after.body == events[2] + events[3]
     status = await stream(http, sc.url + f"/sidecar/v1/runs/{r}", method="GET")
-    assert json.loads(status.body)["incomplete"] == "overflow"
-    assert outcomes(sc) == {"gone": 2.0, "ok": 1.0}
+    body = json.loads(status.body)
+    assert (body["incomplete"], body["lost_ranges"]) == ("overflow", [[2, 2]])
+    assert outcomes(sc) == {"lost": 3.0, "ok": 3.0}
 
 
 async def test_a_redis_outage_is_503_unavailable(
@@ -856,6 +884,8 @@ async def test_status_of_a_running_then_finished_run(
         "forced_done": None,
         "incomplete": None,
         "trimmed_events": 0,
+        "lost_ranges": [],
+        "history_lost_through": None,
     }
     async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}") as resp:
         done = await resp.json()
@@ -909,12 +939,18 @@ async def test_status_of_a_failed_run_carries_its_error(
 # -- producer lost --------------------------------------------------------------------------
 
 
-async def test_a_status_call_ends_a_run_whose_producer_is_gone(
+async def test_the_sweep_ends_a_run_whose_producer_is_gone_without_any_reader(
     make_sidecar: SidecarFactory, redis_client: redis.asyncio.Redis, http: aiohttp.ClientSession
 ) -> None:
-    sc = await make_sidecar()
+    sc = await make_sidecar(lease_seconds=0.3)
     r = RunId("orphan-1")
     history = await write_orphan(redis_client, r, 2, int(time.time() * 1000) - 1000)
+
+    async def swept() -> bool:
+        return (await meta(redis_client, r))["status"] != "running"
+
+    # Nobody reads it, nobody asks for its status: the sweep alone ends it.
+    await eventually(swept, what="the orphan sweep ending the run")
     async with http.get(f"{sc.url}/sidecar/v1/runs/{r}") as resp:
         assert resp.status == 200
         body = await resp.json()
@@ -941,9 +977,9 @@ async def test_a_status_call_ends_a_run_whose_producer_is_gone(
     assert m["lease_until_ms"] == "0"
     assert sc.metric(P + "forced_done_total", reason="producer_lost") == 1
     assert sc.metric(P + "runs_finished_total", status="failed", stop_reason="error") == 1
-    # Once is enough: a second look changes nothing.
-    async with http.get(f"{sc.url}/sidecar/v1/runs/{r}") as resp:
-        assert (await resp.json())["last_seq"] == 5
+    assert sc.metric(P + "run_duration_seconds_count", status="failed") == 1
+    # The ended run left the lease index; the next passes change nothing.
+    assert await redis_client.zscore("sse:run:leases", r) is None
     replayed = await replay(http, sc, r)
     assert replayed.body == history + producer_lost_tail(3, r)
     assert sc.metric(P + "forced_done_total", reason="producer_lost") == 1
@@ -952,9 +988,17 @@ async def test_a_status_call_ends_a_run_whose_producer_is_gone(
 async def test_a_run_whose_producer_holds_its_lease_is_left_alone(
     make_sidecar: SidecarFactory, redis_client: redis.asyncio.Redis, http: aiohttp.ClientSession
 ) -> None:
-    sc = await make_sidecar()
+    sc = await make_sidecar(lease_seconds=0.3)
     r = RunId("alive-1")
-    await write_orphan(redis_client, r, 2, int(time.time() * 1000) + 60_000)
+    # Its index entry says expired, but Redis' own lease (the truth) is live for a minute.
+    await write_orphan(redis_client, r, 2, int(time.time() * 1000) + 60_000, indexed_ms=1)
+
+    async def passes() -> bool:
+        return await redis_client.zscore("sse:run:leases", r) is not None
+
+    for _ in range(5):  # a few sweep passes (every lease / 3)
+        await asyncio.sleep(0.1)  # letting the sweep run: there is no event to await
+    assert await passes()
     async with http.get(f"{sc.url}/sidecar/v1/runs/{r}") as resp:
         body = await resp.json()
     assert (body["status"], body["last_seq"], body["forced_done"]) == ("running", 2, None)
@@ -962,30 +1006,25 @@ async def test_a_run_whose_producer_holds_its_lease_is_left_alone(
     assert forced_total([sc], "producer_lost") == 0
 
 
-async def test_racing_readers_and_status_calls_end_a_dead_run_exactly_once(
+async def test_racing_sweeps_end_a_dead_run_exactly_once_and_readers_get_its_end(
     make_sidecar: SidecarFactory, redis_client: redis.asyncio.Redis, http: aiohttp.ClientSession
 ) -> None:
-    sidecars = [await make_sidecar() for _ in range(3)]
+    # Alive when the readers attach; nobody renews the lease, so it runs out under them.
     r = RunId("orphan-race")
-    history = await write_orphan(redis_client, r, 3, int(time.time() * 1000) - 1000)
-
-    async def read(sc: Sidecar) -> bytes:
-        view = await replay(http, sc, r, timeout=aiohttp.ClientTimeout(total=10))
-        assert view.status == 200
-        return view.body
-
-    async def status(sc: Sidecar) -> str:
-        async with http.get(f"{sc.url}/sidecar/v1/runs/{r}") as resp:
-            return str((await resp.json())["status"])
-
-    results = await asyncio.gather(
-        *(read(sc) for sc in sidecars for _ in range(10)), *(status(sc) for sc in sidecars)
-    )
-    bodies, statuses = results[:30], results[30:]
+    history = await write_orphan(redis_client, r, 3, int(time.time() * 1000) + 400)
+    sidecars = [await make_sidecar(heartbeat_seconds=0.1, lease_seconds=0.3) for _ in range(3)]
+    responses = [await http.get(sc.url + stream_path(r)) for sc in sidecars for _ in range(5)]
+    try:
+        readers = [LiveReader(resp) for resp in responses]
+        assert {resp.status for resp in responses} == {200}
+        await asyncio.gather(*(reader.until(3) for reader in readers))
+        bodies = await asyncio.gather(*(reader.rest(timeout=5) for reader in readers))
+    finally:
+        for resp in responses:
+            resp.release()
     expected = history + producer_lost_tail(4, r)
-    assert set(bodies) == {expected}
+    assert {body.replace(PING, b"") for body in bodies} == {expected}
     assert len(check_whole(expected)) == 6
-    assert set(statuses) == {"failed"}
     rows = await stored(redis_client, r)
     assert [row["seq_id"] for row in rows] == [str(i) for i in range(1, 7)]
     assert forced_total(sidecars, "producer_lost") == 1
@@ -994,28 +1033,27 @@ async def test_racing_readers_and_status_calls_end_a_dead_run_exactly_once(
         for sc in sidecars
     )
     assert finished == 1
+    assert sum(outcomes(sc).get("ok", 0) for sc in sidecars) == 15
 
 
-async def test_readers_following_a_run_end_it_when_its_lease_runs_out(
+async def test_the_sweep_waits_until_redis_has_answered_for_a_whole_lease(
     make_sidecar: SidecarFactory, redis_client: redis.asyncio.Redis, http: aiohttp.ClientSession
 ) -> None:
-    sidecars = [await make_sidecar(heartbeat_seconds=0.1) for _ in range(3)]
-    r = RunId("orphan-following")
-    # Alive when the readers attach; nobody renews the lease, so it runs out under them.
-    history = await write_orphan(redis_client, r, 2, int(time.time() * 1000) + 400)
-    responses = [await http.get(sc.url + stream_path(r)) for sc in sidecars for _ in range(5)]
-    try:
-        readers = [LiveReader(resp) for resp in responses]
-        assert {resp.status for resp in responses} == {200}
-        await asyncio.gather(*(reader.until(2) for reader in readers))
-        bodies = await asyncio.gather(*(reader.rest(timeout=5) for reader in readers))
-    finally:
-        for resp in responses:
-            resp.release()
-    expected = history + producer_lost_tail(3, r)
-    assert {body.replace(PING, b"") for body in bodies} == {expected}
-    assert forced_total(sidecars, "producer_lost") == 1
-    assert sum(outcomes(sc).get("ok", 0) for sc in sidecars) == 15
+    sc = await make_sidecar(lease_seconds=0.6)
+    r = RunId("orphan-after-outage")
+    await write_orphan(redis_client, r, 1, int(time.time() * 1000) - 1000)
+    # As if Redis had just come back: a lease that lapsed during an outage says nothing about
+    # its producer, which gets a whole lease to renew it.
+    store = sc.app[STORE]
+    store.health.failed(StoreUnavailable("test", "as if Redis had been away"))
+    began = time.monotonic()
+
+    async def swept() -> bool:
+        return (await meta(redis_client, r))["status"] != "running"
+
+    await eventually(swept, what="the sweep, one lease after Redis answered again")
+    assert time.monotonic() - began >= 0.6
+    assert sc.metric(P + "forced_done_total", reason="producer_lost") == 1
 
 
 @pytest.fixture
@@ -1028,7 +1066,7 @@ async def killable() -> AsyncIterator[list[asyncio.subprocess.Process]]:
             await proc.wait()
 
 
-async def test_a_killed_producer_process_is_ended_once_by_racing_readers(
+async def test_a_killed_producer_process_is_ended_once_by_the_sweeps(
     killable: list[asyncio.subprocess.Process],
     upstream: Upstream,
     redis_server: RedisServer,
@@ -1059,7 +1097,7 @@ async def test_a_killed_producer_process_is_ended_once_by_racing_readers(
             return False
 
     await eventually(ready, timeout=20, interval=0.05, what="the producer's /readyz")
-    readers_side = [await make_sidecar(heartbeat_seconds=0.1) for _ in range(2)]
+    readers_side = [await make_sidecar(heartbeat_seconds=0.1, lease_seconds=0.3) for _ in range(2)]
     gate = Gate()
     upstream.sse(PATH, [token("a"), token("b"), gate, token("never"), DONE])
     async with http.post(producer + PATH, json={}) as live_resp:

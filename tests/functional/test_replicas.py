@@ -232,7 +232,8 @@ async def test_producer_lost_when_a_is_killed_ends_the_run_once_for_readers_on_b
 ) -> None:
     gate = Gate()
     upstream.sse(PATH, [token("a"), token("b"), token("c"), gate, token("never"), DONE])
-    a, b = await replicas(a={"lease_seconds": 0.5}, b={"heartbeat_seconds": 0.1})
+    lease = {"lease_seconds": 0.5}
+    a, b = await replicas(a=lease, b={"heartbeat_seconds": 0.1, **lease})
     resp = await http.post(a.url + PATH, json={})
     live = LiveReader(resp)
     await live.until(3)
@@ -331,7 +332,8 @@ async def test_a_producer_that_comes_back_after_producer_lost_is_fenced(
 ) -> None:
     gate = Gate()
     upstream.sse(PATH, [token("a"), token("b"), gate, token("late"), stop("end_turn"), DONE])
-    a, b = await replicas(a={"lease_seconds": 0.5}, b={"heartbeat_seconds": 0.1})
+    lease = {"lease_seconds": 0.5}
+    a, b = await replicas(a=lease, b={"heartbeat_seconds": 0.1, **lease})
     async with http.post(a.url + PATH, json={}) as resp:
         live = LiveReader(resp)
         await live.until(2)

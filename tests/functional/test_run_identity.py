@@ -17,6 +17,7 @@ from tests.conftest import Gate, Sidecar, SidecarFactory, Upstream
 from tests.functional.helpers import (
     DONE,
     ClientView,
+    eventually,
     meta,
     payloads,
     read_events,
@@ -276,6 +277,12 @@ async def test_a_second_sidecar_gets_409_for_a_run_the_first_is_producing(
     async with http.post(one.url + PATH, headers={"X-Run-Id": "shared"}) as first:
         head = await read_events(first, 1)
         await gate.reached.wait()
+
+        async def claimed() -> bool:
+            return "producer" in await meta(redis_client, RunId("shared"))
+
+        # The first byte does not wait on Redis: the claim lands with the writer's round trip.
+        await eventually(claimed, what="the first sidecar's claim in Redis")
         producer = (await meta(redis_client, RunId("shared")))["producer"]
         second = await stream(http, two.url + "/v1/other", headers={"X-Run-Id": "shared"})
         err = assert_json_error(second, 409, "run_conflict")

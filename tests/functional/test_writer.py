@@ -14,13 +14,12 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from sidecar.errors import RunConflict
 from sidecar.keys import Keys, RunId
+from sidecar.store import RunStore
+from sidecar.store.runstore import APPEND_SCRIPT, APPEND_SHA
 from sidecar.telemetry import Metrics
-from sidecar.writer import APPEND_SCRIPT, APPEND_SHA, RunStream, Writer
+from sidecar.writer import RunStream, Writer
 from tests.conftest import Gate, RedisServer, SidecarFactory, Upstream
 from tests.functional.helpers import (
     DONE,
@@ -71,24 +70,32 @@ WriterFactory = Callable[..., tuple[Writer, Metrics]]
 
 
 @pytest.fixture
-async def writers(redis_client: redis.asyncio.Redis) -> AsyncIterator[WriterFactory]:
-    """Started writers, each on its own Metrics, closed after the test."""
-    made: list[Writer] = []
+async def writers(
+    redis_server: RedisServer, redis_client: redis.asyncio.Redis
+) -> AsyncIterator[WriterFactory]:
+    """Started writers, each on its own store and Metrics, closed after the test."""
+    made: list[tuple[Writer, RunStore]] = []
 
-    def make(client: redis.asyncio.Redis | None = None, **kwargs: Any) -> tuple[Writer, Metrics]:
+    def make(url: str | None = None, timeout: float = 2.0, **kwargs: Any) -> tuple[Writer, Metrics]:
         m = Metrics()
-        w = Writer(client if client is not None else redis_client, KEYS, m, **kwargs)
+        store = RunStore(url or redis_server.url, KEYS, timeout=timeout)
+        w = Writer(store, m, **kwargs)
         w.start()
-        made.append(w)
+        made.append((w, store))
         return w, m
 
     yield make
-    for w in made:
+    for w, store in made:
         await w.close(1.0)
+        await store.aclose()
 
 
 async def opened(w: Writer, run_id: str, producer: str = "p1") -> RunStream:
-    return await w.open(RunId(run_id), producer, {"status": "running", "created_ms": "1"})
+    """A run opened and claimed (its claim is in Redis)."""
+    run = w.open(RunId(run_id), producer, {"status": "running", "created_ms": "1"})
+    assert await w.flush(5)
+    assert run.claim.result() is True
+    return run
 
 
 # -- group commit ------------------------------------------------------------------------------
@@ -96,12 +103,12 @@ async def opened(w: Writer, run_id: str, producer: str = "p1") -> RunStream:
 
 async def test_first_event_of_an_idle_writer_goes_out_alone(writers: WriterFactory) -> None:
     w, m = writers()
-    run = await opened(w, "gc-1")
+    run = await opened(w, "gc-1")  # one round trip: the claim
     assert w.append(run, 1, ev(1))
     assert await w.flush(5)
-    assert sample(m, "flush_batch_events_count") == 1
+    assert sample(m, "flush_batch_events_count") == 2
     assert sample(m, "flush_batch_events_sum") == 1
-    assert sample(m, "flushes_total", outcome="ok") == 1
+    assert sample(m, "flushes_total", outcome="ok") == 2
     assert w.pending_events == 0
     assert w.pending_bytes == 0
 
@@ -114,17 +121,18 @@ async def test_events_appended_during_a_round_trip_go_in_the_next_one(
     assert w.append(run, 1, ev(1))
     # One turn of the loop: the writer task builds its batch (event 1) and waits on the socket.
     await asyncio.sleep(0)
-    assert sample(m, "flush_batch_events_count") == 0  # the round trip is in flight
+    assert sample(m, "flush_batch_events_count") == 1  # the claim's; event 1's is in flight
     for seq in range(2, 502):
         assert w.append(run, seq, ev(seq))
     assert await w.flush(5)
-    assert sample(m, "flushes_total", outcome="ok") == 2
+    # Three round trips: the claim (no event), the lone first event, then 500 together.
+    assert sample(m, "flushes_total", outcome="ok") == 3
     assert sample(m, "flushes_total", outcome="error") == 0
-    assert sample(m, "flush_batch_events_count") == 2
+    assert sample(m, "flush_batch_events_count") == 3
     assert sample(m, "flush_batch_events_sum") == 501
-    assert sample(m, "flush_batch_events_bucket", le="1.0") == 1  # the lone first event
-    assert sample(m, "flush_batch_events_bucket", le="256.0") == 1
-    assert sample(m, "flush_batch_events_bucket", le="512.0") == 2  # then 500 together
+    assert sample(m, "flush_batch_events_bucket", le="1.0") == 2
+    assert sample(m, "flush_batch_events_bucket", le="256.0") == 2
+    assert sample(m, "flush_batch_events_bucket", le="512.0") == 3
     rows = await stored(redis_client, run.run_id)
     assert seqs(rows) == list(range(1, 502))
     assert [r["data"].encode() for r in rows] == [ev(s) for s in range(1, 502)]
@@ -136,6 +144,7 @@ async def test_flush_max_events_caps_a_round_trip(
 ) -> None:
     w, m = writers(flush_max_events=cap)
     run = await opened(w, f"gc-cap-{cap}")
+    claim_rounds = sample(m, "flush_batch_events_count")
     for seq in range(1, 36):
         assert w.append(run, seq, ev(seq))
     assert await w.flush(5)
@@ -145,6 +154,7 @@ async def test_flush_max_events_caps_a_round_trip(
     # Every round trip is in the bucket of the cap (for cap 8 that bucket is exactly <= 8).
     assert sample(m, "flush_batch_events_bucket", le=bucket) == rounds
     assert sample(m, "flushes_total", outcome="ok") == rounds
+    assert claim_rounds == 1
     assert seqs(await stored(redis_client, run.run_id)) == list(range(1, 36))
 
 
@@ -152,11 +162,12 @@ async def test_many_runs_share_one_round_trip(
     writers: WriterFactory, redis_client: redis.asyncio.Redis
 ) -> None:
     w, m = writers()
-    runs = [await opened(w, f"many-{i}") for i in range(50)]
+    runs = [w.open(RunId(f"many-{i}"), "p1", {"status": "running"}) for i in range(50)]
     for seq in range(1, 11):
         for run in runs:
             assert w.append(run, seq, f"data: {run.run_id} {seq}\n\n".encode())
     assert await w.flush(5)
+    # The 50 claims and the 500 events: one round trip.
     assert sample(m, "flush_batch_events_count") == 1
     assert sample(m, "flush_batch_events_sum") == 500
     for run in runs:
@@ -179,23 +190,33 @@ async def test_append_script_retried_with_the_same_batch_stores_each_seq_once(
 ) -> None:
     await redis_client.script_load(APPEND_SCRIPT)
     run_id = RunId("idem-script")
-    # producer, claim, lease_ms, ttl_ms, maxlen, known_last, nmeta, meta pairs, event quads
-    head = ["prod-a", "1", "30000", "60000", "100000", 0, 1, "status", "running"]
+    # producer, claim, lease_ms, ttl_ms, maxlen, known_last, allow_gap, nmeta, meta pairs,
+    # event quads
+    head = ["prod-a", "1", "30000", "60000", "100000", 0, "0", 1, "status", "running"]
     batch = [*head, *quad(1), *quad(2)]
-    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2]
+    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2, 0]
     # The reply was "lost": the same batch again (the writer would still send claim=1).
-    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2]
+    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2, 0]
     # A later retry that overlaps: only the new seq is added.
-    again = ["prod-a", "0", "30000", "60000", "100000", 2, 0, *quad(2), *quad(3)]
-    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3]
+    again = ["prod-a", "0", "30000", "60000", "100000", 2, "0", 0, *quad(2), *quad(3)]
+    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3, 0]
     rows = await stored(redis_client, run_id)
     assert seqs(rows) == [1, 2, 3]
     assert [r["id"] for r in rows] == ["1-0", "2-0", "3-0"]
-    # A gap (seq 5 after last_seq 3) is refused with the stored last_seq, and nothing is written.
-    gap = ["prod-a", "0", "30000", "60000", "100000", 3, 0, *quad(5)]
+    # A gap (seq 5 after last_seq 3) is refused with the stored last_seq, and nothing of the
+    # batch is written, not even the events before the gap.
+    gap = ["prod-a", "0", "30000", "60000", "100000", 3, "0", 0, *quad(4), *quad(6)]
     assert await run_script(redis_client, run_id, *gap) == [-3, 3]
     assert seqs(await stored(redis_client, run_id)) == [1, 2, 3]
     assert (await meta(redis_client, run_id))["last_seq"] == "3"
+    # The same batch with allow_gap: the hole is recorded as lost, and retrying it changes
+    # nothing (the hole is recorded once).
+    hole = ["prod-a", "0", "30000", "60000", "100000", 3, "1", 0, *quad(4), *quad(6)]
+    assert await run_script(redis_client, run_id, *hole) == [0, 2, 0, 6, 0]
+    assert await run_script(redis_client, run_id, *hole) == [0, 0, 0, 6, 0]
+    assert seqs(await stored(redis_client, run_id)) == [1, 2, 3, 4, 6]
+    h = await meta(redis_client, run_id)
+    assert (h["last_seq"], h["lost_ranges"], h["lost_events"]) == ("6", "5-5", "1")
 
 
 async def test_a_second_writer_of_the_same_producer_replaying_seqs_does_not_duplicate(
@@ -208,7 +229,7 @@ async def test_a_second_writer_of_the_same_producer_replaying_seqs_does_not_dupl
     assert await first.flush(5)
     # The same producer again (as after a lost reply), replaying 1..3 and going on to 5.
     second, second_m = writers()
-    again = await second.open(run.run_id, "prod-x", {})
+    again = second.open(run.run_id, "prod-x", {})
     for seq in range(1, 6):
         assert second.append(again, seq, ev(seq), complete=seq == 5)
     assert await second.flush(5)
@@ -228,7 +249,7 @@ async def test_a_gap_in_seqs_is_refused_and_the_run_is_fenced(
         assert first.append(run, seq, ev(seq))
     assert await first.flush(5)
     second, m = writers()
-    again = await second.open(run.run_id, "prod-g", {})
+    again = second.open(run.run_id, "prod-g", {})
     assert second.append(again, 5, ev(5))  # queued: the writer cannot know yet
     assert await second.flush(5)
     assert sample(m, "writer_dropped_events_total", reason="gap") == 1
@@ -246,20 +267,21 @@ async def test_both_keys_get_the_ttl_and_every_write_refreshes_it(
 ) -> None:
     w, _ = writers(ttl_seconds=100)
     run = await opened(w, "ttl-1")
-    assert 99000 < await redis_client.pttl(run.meta_key) <= 100000
+    both = (KEYS.stream(run.run_id), KEYS.meta(run.run_id))
+    assert 99000 < await redis_client.pttl(both[1]) <= 100000
     assert w.append(run, 1, ev(1))
     assert await w.flush(5)
-    for key in (run.stream_key, run.meta_key):
+    for key in both:
         assert 99000 < await redis_client.pttl(key) <= 100000
         await redis_client.pexpire(key, 5000)
     assert w.append(run, 2, ev(2))  # an event refreshes both keys
     assert await w.flush(5)
-    for key in (run.stream_key, run.meta_key):
+    for key in both:
         assert 99000 < await redis_client.pttl(key) <= 100000
         await redis_client.pexpire(key, 5000)
-    w.update_meta(run, {})  # and so does a lease renewal
+    w.renew([run])  # and so does a lease renewal
     assert await w.flush(5)
-    for key in (run.stream_key, run.meta_key):
+    for key in both:
         assert 99000 < await redis_client.pttl(key) <= 100000
 
 
@@ -273,7 +295,7 @@ async def test_length_cap_trims_the_oldest_events_and_counts_them(
     for seq in range(2, 26):
         assert w.append(run, seq, ev(seq), complete=seq == 25)
     assert await w.flush(5)
-    assert await redis_client.xlen(run.stream_key) == 10
+    assert await redis_client.xlen(KEYS.stream(run.run_id)) == 10
     rows = await stored(redis_client, run.run_id)
     assert rows[0]["id"] == "16-0"
     assert seqs(rows) == list(range(16, 26))
@@ -286,42 +308,62 @@ async def test_length_cap_trims_the_oldest_events_and_counts_them(
 # -- the bound on unwritten bytes ------------------------------------------------------------
 
 
-async def test_overflow_while_redis_is_down_drops_counts_and_marks_the_meta(
+async def test_overflow_drops_what_does_not_fit_and_records_the_hole(
     writers: WriterFactory, restartable_redis: RedisServer
 ) -> None:
-    client = redis.asyncio.Redis.from_url(
-        restartable_redis.url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=0.5
-    )
+    client = redis.asyncio.Redis.from_url(restartable_redis.url)
     try:
-        restartable_redis.stop()
-        w, m = writers(client, max_bytes=2000, command_timeout=0.5)
+        w, m = writers(restartable_redis.url, timeout=0.5, max_bytes=2000)
         run = await opened(w, "overflow-1")
-        assert sample(m, "redis_errors_total", operation="claim") == 1
+        restartable_redis.stop()
         for seq in range(1, 21):  # 20 events of 100 bytes: exactly the bound
             assert w.append(run, seq, ev(seq, 100))
         assert w.pending_bytes == 2000
         for seq in range(21, 25):
             assert not w.append(run, seq, ev(seq, 100))
+        # The terminal is never dropped: every stored run ends (over the bound by one event).
         final = {"status": "completed", "stop_reason": "end_turn", "finished_ms": "2"}
-        assert not w.append(run, 25, ev(25, 100), complete=True, meta=final)
-        assert sample(m, "writer_dropped_events_total", reason="overflow") == 5
-        assert w.pending_events == 20
+        assert w.append(run, 25, ev(25, 100), complete=True, meta=final)
+        assert sample(m, "writer_dropped_events_total", reason="overflow") == 4
+        assert w.pending_events == 21
         assert not await w.flush(0.2)  # nothing can be written while Redis is down
         restartable_redis.start()
         assert await w.flush(10)
-        assert sample(m, "writer_dropped_events_total", reason="overflow") == 5
         rows = await stored(client, run.run_id)
-        assert seqs(rows) == list(range(1, 21))
-        assert [r["data"].encode() for r in rows] == [ev(s, 100) for s in range(1, 21)]
-        assert all(r["complete"] == "false" for r in rows)
+        assert seqs(rows) == [*range(1, 21), 25]
+        assert [r["data"].encode() for r in rows] == [ev(s, 100) for s in [*range(1, 21), 25]]
+        assert [r["complete"] for r in rows] == ["false"] * 20 + ["true"]
         h = await meta(client, run.run_id)
-        assert h["incomplete"] == "overflow"
-        assert h["dropped_from_seq"] == "21"
-        assert h["last_seq"] == "20"
-        assert h["status"] == "completed"
-        assert h["stop_reason"] == "end_turn"
-        assert h["created_ms"] == "1"
-        assert h["producer"] == "p1"
+        assert (h["incomplete"], h["lost_ranges"], h["lost_events"]) == ("overflow", "21-24", "4")
+        assert (h["last_seq"], h["status"], h["stop_reason"]) == ("25", "completed", "end_turn")
+        assert (h["created_ms"], h["producer"]) == ("1", "p1")
+    finally:
+        await client.aclose()
+
+
+async def test_a_run_that_overflowed_is_stored_again_once_there_is_room(
+    writers: WriterFactory, restartable_redis: RedisServer
+) -> None:
+    client = redis.asyncio.Redis.from_url(restartable_redis.url)
+    try:
+        w, m = writers(restartable_redis.url, timeout=0.5, max_bytes=1000)
+        run = await opened(w, "overflow-2")
+        restartable_redis.stop()
+        for seq in range(1, 11):
+            assert w.append(run, seq, ev(seq, 100))
+        for seq in range(11, 16):  # no room: dropped
+            assert not w.append(run, seq, ev(seq, 100))
+        restartable_redis.start()
+        assert await w.flush(10)
+        # Room again: stored again from the next event on, after a recorded hole.
+        for seq in range(16, 21):
+            assert w.append(run, seq, ev(seq, 100), complete=seq == 20)
+        assert await w.flush(10)
+        rows = await stored(client, run.run_id)
+        assert seqs(rows) == [*range(1, 11), *range(16, 21)]
+        h = await meta(client, run.run_id)
+        assert (h["incomplete"], h["lost_ranges"], h["lost_events"]) == ("overflow", "11-15", "5")
+        assert sample(m, "writer_dropped_events_total", reason="overflow") == 5
     finally:
         await client.aclose()
 
@@ -336,11 +378,14 @@ async def test_open_of_a_run_with_a_live_lease_of_another_producer_is_refused(
     run = await opened(a, "conflict-1", producer="prod-a")
     assert a.append(run, 1, ev(1))
     assert await a.flush(5)
-    b, _ = writers()
-    with pytest.raises(RunConflict) as info:
-        await opened(b, "conflict-1", producer="prod-b")
-    assert info.value.producer == "prod-a"
-    assert info.value.run_id == "conflict-1"
+    b, bm = writers()
+    refused = b.open(RunId("conflict-1"), "prod-b", {"status": "running"})
+    # Refused in the writer's round trip: the claim says who holds the run, and the run is
+    # fenced (nothing of it is ever written).
+    assert await refused.claim == "prod-a"
+    assert refused.fenced == "conflict"
+    assert not b.append(refused, 1, ev(1))
+    assert sample(bm, "writer_dropped_events_total", reason="conflict") == 1
     h = await meta(redis_client, run.run_id)
     assert h["producer"] == "prod-a"
     assert h["status"] == "running"
@@ -362,11 +407,11 @@ async def test_an_expired_lease_lets_a_new_producer_claim_and_fences_the_old_one
 
     await eventually(expired, what="the old producer's lease to expire")
     new, _ = writers()
-    taken = await opened(new, "fence-1", producer="prod-new")  # no RunConflict
+    taken = await opened(new, "fence-1", producer="prod-new")  # not refused
     h = await meta(redis_client, run.run_id)
     assert h["producer"] == "prod-new"
     assert h["last_seq"] == "0"
-    assert await redis_client.exists(run.stream_key) == 0  # the run starts anew
+    assert await redis_client.exists(KEYS.stream(run.run_id)) == 0  # the run starts anew
     # The old producer does not know yet: its next event is queued, then fenced by Redis.
     assert old.append(run, 3, ev(3))
     assert await old.flush(5)
@@ -375,7 +420,7 @@ async def test_an_expired_lease_lets_a_new_producer_claim_and_fences_the_old_one
     assert sample(m, "writer_dropped_events_total", reason="fenced") == 2
     old.update_meta(run, {"status": "completed"})  # ignored: a fenced run writes nothing
     assert await old.flush(5)
-    assert await redis_client.exists(run.stream_key) == 0
+    assert await redis_client.exists(KEYS.stream(run.run_id)) == 0
     # The new producer's events are the run's.
     assert new.append(taken, 1, b"data: new\n\n")
     assert await new.flush(5)
@@ -387,7 +432,7 @@ async def test_an_expired_lease_lets_a_new_producer_claim_and_fences_the_old_one
     assert h["last_seq"] == "1"
 
 
-async def test_update_meta_with_nothing_renews_the_lease(
+async def test_renew_renews_the_lease(
     writers: WriterFactory, redis_client: redis.asyncio.Redis
 ) -> None:
     w, _ = writers(lease_seconds=30)
@@ -399,7 +444,7 @@ async def test_update_meta_with_nothing_renews_the_lease(
         return await redis_ms(redis_client) > int(before["updated_ms"]) + 2
 
     await eventually(later, what="Redis time to move on")
-    w.update_meta(run, {})
+    w.renew([run])
     assert await w.flush(5)
     after = await meta(redis_client, run.run_id)
     now = await redis_ms(redis_client)
@@ -486,7 +531,8 @@ class SnapshotWriter(Writer):
 async def test_final_meta_never_lands_before_its_event(
     redis_server: RedisServer, redis_client: redis.asyncio.Redis
 ) -> None:
-    w = SnapshotWriter(redis_client, KEYS, Metrics(), flush_max_events=10)
+    store = RunStore(redis_server.url, KEYS)
+    w = SnapshotWriter(store, Metrics(), flush_max_events=10)
     run_id = RunId("meta-order-1")
     snapshots: list[tuple[int, dict[str, str]]] = []
     observer = redis.asyncio.Redis.from_url(redis_server.url)
@@ -501,7 +547,7 @@ async def test_final_meta_never_lands_before_its_event(
     w.observe = observe
     w.start()
     try:
-        run = await w.open(run_id, "p1", {"status": "running"})
+        run = w.open(run_id, "p1", {"status": "running"})
         for seq in range(1, 35):
             assert w.append(run, seq, ev(seq))
         final = {"status": "completed", "stop_reason": "end_turn"}
@@ -511,6 +557,7 @@ async def test_final_meta_never_lands_before_its_event(
         await eventually(observed_all, what="the snapshot after the last round trip")
     finally:
         await w.close(1.0)
+        await store.aclose()
         await observer.aclose()
     assert len(snapshots) >= 4
     # After every round trip, a finished status must come with the complete entry stored.
@@ -528,15 +575,19 @@ async def test_lease_renewal_after_redis_lost_the_run_keeps_the_run_writable(
         assert w.append(run, seq, ev(seq))
     assert await w.flush(5)
     await redis_client.flushall()  # Redis restarted empty (or failed over to an empty replica)
-    w.update_meta(run, {})  # the registry's periodic lease renewal comes first
+    w.renew([run])  # the registry's periodic lease renewal comes first
     assert await w.flush(5)
     assert w.append(run, 4, ev(4), complete=True, meta={"status": "completed"})
     assert await w.flush(5)
     assert sample(m, "writer_dropped_events_total", reason="gap") == 0
+    # The three events Redis had confirmed are counted as lost, once.
+    assert sample(m, "writer_dropped_events_total", reason="history_lost") == 3
     assert seqs(await stored(redis_client, run.run_id)) == [4]
     h = await meta(redis_client, run.run_id)
-    assert h["incomplete"] == "history_lost"
+    assert (h["incomplete"], h["history_lost_through"]) == ("history_lost", "3")
     assert h["status"] == "completed"
+    # The run's initial meta came back with the rebuild.
+    assert h["created_ms"] == "1"
 
 
 async def test_a_run_whose_history_was_lost_still_refuses_a_second_producer(
@@ -555,5 +606,5 @@ async def test_a_run_whose_history_was_lost_still_refuses_a_second_producer(
     assert h["producer"] == "prod-a"
     assert h.get("status") == "running"
     b, _ = writers()
-    with pytest.raises(RunConflict):
-        await opened(b, "lost-2", producer="prod-b")
+    refused = b.open(RunId("lost-2"), "prod-b", {"status": "running"})
+    assert await refused.claim == "prod-a"

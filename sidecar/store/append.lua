@@ -2,23 +2,25 @@
 --
 -- KEYS[1] = stream key, KEYS[2] = meta key (same hash slot: the run id is their hash tag)
 -- ARGV    = producer, claim ("1"/"0"), lease_ms, ttl_ms, maxlen, known_last (the last seq the
---           producer saw confirmed), nmeta,
+--           producer saw confirmed), allow_gap ("1": seqs the writer could not store precede
+--           this batch; record them as lost instead of refusing), nmeta,
 --           nmeta pairs of (field, value), then quads of (seq, data, timestamp_ms, complete)
 --
--- Returns {0, added, trimmed, last_seq} on success, {-1, holder} when another producer holds a
+-- Returns {0, added, trimmed, last_seq, rebuilt} on success (rebuilt = 1 when the meta had
+-- vanished under this producer and was rebuilt), {-1, holder} when another producer holds a
 -- live lease (claim refused), {-2, holder} when another producer took the run over (fenced),
--- {-3, last_seq} when a batch would leave a gap in the seq numbers.
+-- {-3, last_seq} when a batch would leave a gap in the seqs that allow_gap does not allow.
 --
 -- Idempotence: an event whose seq is not above the stored last_seq was already written by an
 -- earlier attempt whose reply was lost, so it is skipped; stream ids are "<seq>-0".
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local producer = ARGV[1]
-local nmeta = tonumber(ARGV[7])
-local first = 8 + 2 * nmeta
+local nmeta = tonumber(ARGV[8])
+local first = 9 + 2 * nmeta
 local cur = redis.call('HMGET', KEYS[2], 'producer', 'status', 'lease_until_ms', 'last_seq')
 local last = tonumber(cur[4] or '0')
-local rebuilt = false
+local rebuilt = 0
 if cur[1] ~= producer then
   if ARGV[2] == '1' then
     if cur[1] and cur[2] == 'running' and tonumber(cur[3] or '0') > now then
@@ -33,16 +35,30 @@ if cur[1] ~= producer then
     -- The meta vanished under a running producer (Redis restarted empty, or the TTL passed):
     -- rebuild it from what the producer knows, and say that the history before is gone.
     last = tonumber(ARGV[6])
-    rebuilt = true
+    rebuilt = 1
+  end
+end
+-- Check the whole batch before writing any of it: a refused batch leaves nothing behind.
+local expect = last
+local ranges = {}
+local lost = 0
+for i = first, #ARGV, 4 do
+  local seq = tonumber(ARGV[i])
+  if seq > expect then
+    if seq ~= expect + 1 then
+      if ARGV[7] ~= '1' then
+        return {-3, last}
+      end
+      ranges[#ranges + 1] = (expect + 1) .. '-' .. (seq - 1)
+      lost = lost + seq - 1 - expect
+    end
+    expect = seq
   end
 end
 local added = 0
 for i = first, #ARGV, 4 do
   local seq = tonumber(ARGV[i])
   if seq > last then
-    if seq ~= last + 1 then
-      return {-3, last}
-    end
     redis.call('XADD', KEYS[1], seq .. '-0', 'seq_id', ARGV[i], 'data', ARGV[i + 1],
       'timestamp', ARGV[i + 2], 'complete', ARGV[i + 3])
     last = seq
@@ -51,15 +67,24 @@ for i = first, #ARGV, 4 do
 end
 local fields = {'producer', producer, 'last_seq', last, 'updated_ms', now,
   'lease_until_ms', now + tonumber(ARGV[3])}
-if rebuilt then
+if rebuilt == 1 then
   fields[#fields + 1] = 'status'
   fields[#fields + 1] = 'running'
   if tonumber(ARGV[6]) > 0 then
     fields[#fields + 1] = 'incomplete'
     fields[#fields + 1] = 'history_lost'
+    fields[#fields + 1] = 'history_lost_through'
+    fields[#fields + 1] = ARGV[6]
   end
 end
-for i = 8, first - 1, 2 do
+if #ranges > 0 then
+  local before = redis.call('HGET', KEYS[2], 'lost_ranges')
+  local joined = table.concat(ranges, ',')
+  fields[#fields + 1] = 'lost_ranges'
+  fields[#fields + 1] = before and (before .. ',' .. joined) or joined
+  redis.call('HINCRBY', KEYS[2], 'lost_events', lost)
+end
+for i = 9, first - 1, 2 do
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end
@@ -75,4 +100,4 @@ end
 local ttl = tonumber(ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-return {0, added, trimmed, last}
+return {0, added, trimmed, last, rebuilt}
