@@ -545,7 +545,7 @@ class Tail:
         self._client = store.dedicated(socket_timeout=self.BLOCK_MS / 1000 + 5)
         self._client_id: int | None = None
         self._blocking = False
-        self._unblocking = False
+        self._unblocking: asyncio.Task[None] | None = None
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -575,9 +575,11 @@ class Tail:
         return out
 
     def interrupt(self) -> None:
-        if self._blocking and not self._unblocking and self._client_id is not None:
-            self._unblocking = True
-            asyncio.get_running_loop().create_task(self._unblock(self._client_id))
+        if self._blocking and self._unblocking is None and self._client_id is not None:
+            # Kept referenced until done: the loop holds tasks only weakly.
+            self._unblocking = asyncio.get_running_loop().create_task(
+                self._unblock(self._client_id)
+            )
 
     async def _unblock(self, client_id: int) -> None:
         redis = self._store._redis
@@ -589,4 +591,4 @@ class Tail:
         except _FOREIGN as exc:
             log.warning("cannot interrupt the blocked live-tail read: %s", exc)
         finally:
-            self._unblocking = False
+            self._unblocking = None
