@@ -6,6 +6,11 @@
 | ``POST /sidecar/v1/runs/{run_id}/stream`` and ``/v1/runs/{run_id}/stream`` | replay, Letta body |
 | ``GET /sidecar/v1/runs/{run_id}`` | status JSON |
 | ``POST /sidecar/v1/runs/{run_id}/cancel`` | cancel, wherever the run is produced |
+| ``GET /v1/responses/{response_id}`` | OpenAI Responses resume (``?stream=true``) from Redis when
+  this sidecar holds the run, else proxied |
+
+Every ``{run_id}`` may also be the id the run's protocol gave it (``resp_...``, ``msg_...``,
+``chatcmpl-...``): a run id that names no run is looked up as such an alias.
 """
 
 from __future__ import annotations
@@ -19,15 +24,25 @@ from aiohttp import web
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from sidecar.alias import resolve_alias
 from sidecar.auth import Authorizer, Verdict
+from sidecar.dialects.openai_responses import resume_cursor
 from sidecar.errors import InvalidRunId
 from sidecar.follow import Follower
 from sidecar.keys import Keys, RunId, validate_run_id
 from sidecar.proxy import json_error
-from sidecar.replay import Replayer, ReplayError, params_from_body, params_from_query
+from sidecar.replay import (
+    DEFAULT_BATCH,
+    Replayer,
+    ReplayError,
+    ReplayParams,
+    cursor_param,
+    params_from_body,
+    params_from_query,
+)
 from sidecar.runs import RunMeta, RunRegistry
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause
+from sidecar.terminal import Dialect, EndCause
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,8 @@ def status_body(meta: RunMeta) -> dict[str, Any]:
         "forced_done": meta.forced_done,
         "incomplete": meta.incomplete,
         "trimmed_events": meta.trimmed_events,
+        "dialect": meta.dialect,
+        "protocol_id": meta.protocol_id,
     }
 
 
@@ -61,7 +78,10 @@ ROUTES = (
     ("POST", "/v1/runs/{run_id}/stream", "replay_post", "letta_replay"),
     ("GET", "/sidecar/v1/runs/{run_id}", "status", "status"),
     ("POST", "/sidecar/v1/runs/{run_id}/cancel", "cancel", "cancel"),
+    ("GET", "/v1/responses/{response_id}", "responses_resume", "responses_resume"),
 )
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Api:
@@ -76,6 +96,7 @@ class Api:
         metrics: Metrics,
         *,
         cancel_channel: str,
+        proxy: Handler,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -85,6 +106,7 @@ class Api:
         self._auth = authorizer
         self._m = metrics
         self._cancel_channel = cancel_channel
+        self._proxy = proxy
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -100,11 +122,44 @@ class Api:
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(request, self._cancel)
 
+    async def responses_resume(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/responses/{id}?stream=true&starting_after=N`` (what the openai SDK's
+        ``responses.retrieve(id, stream=True, starting_after=N)`` sends): served from Redis,
+        cursor = the upstream's ``sequence_number``, when this sidecar holds the run; anything
+        else (not a stream, a response it never saw) is the upstream's."""
+        if request.query.get("stream", "").lower() not in ("true", "1"):
+            return await self._proxy(request)
+        try:
+            response_id = validate_run_id(request.match_info["response_id"])
+            run_id = await resolve_alias(self._redis, self._keys, response_id)
+            meta = None if run_id is None else await self._replayer.meta(run_id)
+        except InvalidRunId:
+            return await self._proxy(request)
+        except (redis_errors.RedisError, OSError) as exc:
+            self._m.redis_errors.labels("api").inc()
+            log.warning("cannot look up a Responses run, proxying the resume: %s", exc)
+            return await self._proxy(request)
+        if run_id is None or meta is None or meta.dialect != Dialect.OPENAI_RESPONSES:
+            return await self._proxy(request)
+        try:
+            self._check(request, run_id)
+            after = request.query.get("starting_after")
+            cursor = 0 if after is None else resume_cursor(meta.dialect_state, cursor_param(after))
+            params = ReplayParams(cursor, include_pings=False, batch_size=DEFAULT_BATCH)
+            return await self._replayer.stream(request, run_id, params)
+        except ReplayError as exc:
+            self._m.replay_requests.labels(_OUTCOME_BY_STATUS.get(exc.status, "error")).inc()
+            return json_error(exc.status, exc.type, str(exc), **exc.extra)
+        except (redis_errors.RedisError, OSError) as exc:
+            self._m.redis_errors.labels("replay").inc()
+            self._m.replay_requests.labels("unavailable").inc()
+            return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
+
     # -- internals ---------------------------------------------------------------------------
 
     async def _replay(self, request: web.Request, *, post: bool) -> web.StreamResponse:
         try:
-            run_id = self._authorized(request)
+            run_id = await self._authorized(request)
             params = await params_from_body(request) if post else params_from_query(request)
             return await self._replayer.stream(request, run_id, params)
         except ReplayError as exc:
@@ -121,27 +176,46 @@ class Api:
         handler: Callable[[RunId], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         try:
-            return await handler(self._authorized(request))
+            return await handler(await self._authorized(request))
         except ReplayError as exc:
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
         except (redis_errors.RedisError, OSError) as exc:
             self._m.redis_errors.labels("api").inc()
             return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
 
-    def _authorized(self, request: web.Request) -> RunId:
-        """The validated run id, once the caller may touch that run (before any key is built)."""
+    async def _authorized(self, request: web.Request) -> RunId:
+        """The validated run id (a protocol id resolved to its run), once the caller may touch
+        that run. A caller without a valid token is refused before any Redis read."""
         try:
             run_id = validate_run_id(request.match_info["run_id"])
         except InvalidRunId as exc:
             raise ReplayError(400, "invalid_run_id", str(exc)) from None
         verdict = self._auth.check(request, run_id)
+        if verdict in (Verdict.ALLOWED, Verdict.OTHER_RUN):
+            resolved = await self._resolve(run_id)
+            if resolved != run_id:
+                run_id = resolved
+                verdict = self._auth.check(request, run_id)
+        self._raise_unless_allowed(verdict)
+        return run_id
+
+    def _check(self, request: web.Request, run_id: RunId) -> None:
+        self._raise_unless_allowed(self._auth.check(request, run_id))
+
+    async def _resolve(self, run_id: RunId) -> RunId:
+        """A run id names its run; an id that names none may be a protocol's id for one."""
+        if await self._redis.exists(self._keys.meta(run_id)):
+            return run_id
+        return await resolve_alias(self._redis, self._keys, run_id) or run_id
+
+    @staticmethod
+    def _raise_unless_allowed(verdict: Verdict) -> None:
         if verdict is Verdict.OTHER_RUN:
             raise ReplayError(403, "forbidden", "this token is for another run")
         if verdict is not Verdict.ALLOWED:
             raise ReplayError(
                 401, "unauthorized", f"a valid bearer token is required ({verdict.value})"
             )
-        return run_id
 
     async def _status(self, run_id: RunId) -> web.StreamResponse:
         meta = await self._replayer.meta(run_id)

@@ -29,6 +29,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from sidecar.alias import Aliases
 from sidecar.api import ROUTES, Api
 from sidecar.auth import Authorizer
 from sidecar.config import Settings
@@ -38,7 +39,7 @@ from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, RunRegistry
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause
+from sidecar.terminal import EndCause, Status
 from sidecar.tracing import exemplar, tracer_of, tracer_provider_from_env
 from sidecar.writer import Writer
 
@@ -168,7 +169,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         buffer_bytes=s.replay_buffer_bytes,
         write_timeout=s.replay_write_timeout_seconds,
         ttl_seconds=s.stream_ttl_seconds,
-        fill=s.dialect == "letta",
+        default_status=Status(s.status_without_stop_reason),
         tracer=tracer,
     )
     authorizer = Authorizer(
@@ -186,7 +187,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[RUNS] = runs
     app[CANCELS] = cancels
     app[FOLLOWER] = follower
-    proxy = Proxy(s, session, writer, runs, metrics, authorizer, tracer)
+    aliases = Aliases(redis, keys, s.stream_ttl_seconds, metrics)
+    proxy = Proxy(s, session, writer, runs, metrics, authorizer, tracer, aliases)
     app[PROXY] = proxy
     app[API] = Api(
         redis,
@@ -197,11 +199,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         authorizer,
         metrics,
         cancel_channel=keys.cancel_channel,
+        proxy=proxy.handle,
     )
     try:
         yield
     finally:
         await proxy.aclose()
+        await aliases.close()
         await cancels.stop()
         await follower.close()
         await runs.stop()

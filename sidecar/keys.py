@@ -39,6 +39,10 @@ class Keys:
     def meta(self, run_id: RunId) -> str:
         return f"{self.prefix}{{{run_id}}}:meta"
 
+    def alias(self, protocol_id: RunId) -> str:
+        """String: the run id of the run whose protocol named it ``protocol_id`` (resp_..., ...)."""
+        return f"{self.prefix}alias:{{{protocol_id}}}"
+
     @property
     def cancel_channel(self) -> str:
         """Pub/sub channel on which any replica asks the producer of a run to cancel it."""

@@ -24,14 +24,17 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from yarl import URL
 
+from sidecar.alias import Aliases
 from sidecar.auth import Authorizer
 from sidecar.config import Settings
+from sidecar.dialects import hint_for_path
+from sidecar.dialects.routes import dialect_for_path
 from sidecar.errors import InvalidRunId, RequestTooLarge, RunConflict
 from sidecar.keys import RunId, new_run_id, validate_run_id
 from sidecar.runs import RunRegistry, new_producer_id
 from sidecar.tee import Tee
 from sidecar.telemetry import Metrics
-from sidecar.terminal import Status
+from sidecar.terminal import Dialect, Status
 from sidecar.tracing import trace_ids
 from sidecar.writer import Writer
 
@@ -104,8 +107,11 @@ class Proxy:
         metrics: Metrics,
         authorizer: Authorizer,
         tracer: Tracer,
+        aliases: Aliases | None = None,
     ) -> None:
         self._s = settings
+        self._routes = settings.dialect_route_table
+        self._aliases = aliases
         self._auth = authorizer
         self._tracer = tracer
         self._session = session
@@ -248,10 +254,15 @@ class Proxy:
         span = self._tracer.start_span(
             "sse.run", kind=SpanKind.INTERNAL, attributes={"sse.run_id": run_id}
         )
+        setting = dialect_for_path(self._routes, self._s.dialect, request.path)
+        dialect = None if setting == "auto" else Dialect(setting)
+        hint = hint_for_path(request.path)
         meta = {
             "status": Status.RUNNING.value,
             "created_ms": str(int(time.time() * 1000)),
             "route": "proxy",
+            # auto: what ends the run if no event comes; its first event says the rest.
+            "dialect": (dialect or hint or Dialect.GENERIC).value,
         }
         if (ids := trace_ids(span)) is not None:
             meta["trace_id"] = ids[0]
@@ -293,15 +304,17 @@ class Proxy:
             decompressor=decompressor,
             started=started,
             span=span,
+            dialect=dialect,
+            hint=hint,
+            on_protocol_id=self._aliases.record if self._aliases is not None else None,
         )
-        self._m.runs_started.labels("proxy").inc()
         self._m.runs_active.inc()
         try:
             await resp.prepare(request)
         except (ConnectionError, RuntimeError):
             tee.client_gone()
         else:
-            tee.attach(resp)
+            tee.attach(resp, request.transport)
         with trace.use_span(span, end_on_exit=False):
             # Created inside: the tee's task runs (and logs) with sse.run as its current span.
             task = asyncio.create_task(tee.run(), name=f"tee:{run_id}")

@@ -30,7 +30,7 @@ from sidecar.keys import Keys, RunId
 from sidecar.runs import RunMeta, end_orphaned_run, read_meta
 from sidecar.sse import encode_comment, encode_event
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause
+from sidecar.terminal import EndCause, Status
 from sidecar.tracing import exemplar
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class ReplayError(Exception):
         self.extra = extra
 
 
-def _cursor(value: str, source: str) -> int:
+def cursor_param(value: str, source: str = "starting_after") -> int:
     text = value.strip()
     if not text.isascii() or not text.isdigit() or len(text) > 18:
         raise ReplayError(
@@ -96,14 +96,14 @@ def _cursor(value: str, source: str) -> int:
 def params_from_query(request: web.Request) -> ReplayParams:
     """GET: cursor from ``Last-Event-ID`` (what EventSource sends), else ``?starting_after``."""
     if (header := request.headers.get("Last-Event-ID")) is not None:
-        cursor = _cursor(header, "Last-Event-ID")
+        cursor = cursor_param(header, "Last-Event-ID")
     elif (query := request.query.get("starting_after")) is not None:
-        cursor = _cursor(query, "starting_after")
+        cursor = cursor_param(query, "starting_after")
     else:
         cursor = 0
     batch = DEFAULT_BATCH
     if (raw := request.query.get("batch_size")) is not None:
-        batch = _cursor(raw, "batch_size")
+        batch = cursor_param(raw, "batch_size")
         if not 1 <= batch <= MAX_BATCH:
             raise ReplayError(400, "bad_request", f"batch_size must be 1..{MAX_BATCH}")
     pings = request.query.get("include_pings", "false").lower() in ("1", "true", "yes")
@@ -119,7 +119,7 @@ async def params_from_body(request: web.Request) -> ReplayParams:
         raise ReplayError(400, "bad_request", f"invalid replay body: {exc}") from None
     cursor = body.starting_after or 0
     if (header := request.headers.get("Last-Event-ID")) is not None:
-        cursor = _cursor(header, "Last-Event-ID")
+        cursor = cursor_param(header, "Last-Event-ID")
     pings = True if body.include_pings is None else body.include_pings
     return ReplayParams(cursor, pings, body.batch_size or DEFAULT_BATCH)
 
@@ -136,7 +136,7 @@ class Replayer:
         buffer_bytes: int,
         write_timeout: float,
         ttl_seconds: int,
-        fill: bool,
+        default_status: Status = Status.FAILED,
         tracer: Tracer | None = None,
     ) -> None:
         self._tracer = tracer if tracer is not None else trace.NoOpTracer()
@@ -148,7 +148,7 @@ class Replayer:
         self._buffer_bytes = buffer_bytes
         self._write_timeout = write_timeout
         self._ttl = ttl_seconds
-        self._fill = fill
+        self._default_status = default_status
         self._checked: dict[str, tuple[float, RunMeta | None]] = {}
 
     async def meta(self, run_id: RunId) -> RunMeta | None:
@@ -167,13 +167,14 @@ class Replayer:
             cause,
             require_dead=require_dead,
             ttl_seconds=self._ttl,
-            fill=self._fill,
+            default_status=self._default_status,
         )
         if outcome is None:
             return False
-        self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label).inc()
+        dialect = outcome.dialect.value
+        self._m.runs_finished.labels(outcome.status.value, outcome.stop_reason_label, dialect).inc()
         if outcome.forced_done is not None:
-            self._m.forced_done.labels(outcome.forced_done.value).inc()
+            self._m.forced_done.labels(outcome.forced_done.value, dialect).inc()
         return True
 
     @staticmethod
@@ -198,7 +199,7 @@ class Replayer:
                 f"events after seq {cursor} are no longer retained",
                 first_available_seq=first_seq,
             )
-        if meta.status != "running" and cursor >= meta.last_seq:
+        if meta.status != "running" and cursor >= meta.last_event_seq:
             if meta.incomplete == "overflow":
                 raise ReplayError(410, "events_lost", _lost_message(meta), **_lost_extra(meta))
             self._m.replay_requests.labels("no_content").inc()
@@ -326,7 +327,7 @@ class Replayer:
 
     async def _ended_before(self, resp: web.StreamResponse, meta: RunMeta, cursor: int) -> bool:
         """True when the run has ended and nothing after ``cursor`` will ever come."""
-        if meta.status == "running" or cursor < meta.last_seq:
+        if meta.status == "running" or cursor < meta.last_event_seq:
             return False
         if meta.incomplete == "overflow":
             # The writer had to drop the rest of this run: say so, not wait forever.

@@ -25,9 +25,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from sidecar.background import Background
+from sidecar.dialects import restore_tracker
 from sidecar.keys import Keys, RunId, validate_run_id
 from sidecar.payload import render_event
-from sidecar.terminal import EndCause, Outcome, Tracker
+from sidecar.terminal import EndCause, Outcome, Status
 from sidecar.writer import RunStream, Writer, redis_text
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,11 @@ def final_meta(outcome: Outcome) -> dict[str, str]:
         "finished_ms": str(int(time.time() * 1000)),
         "forced_done": outcome.forced_done.value if outcome.forced_done else "",
         "stop_reason": outcome.stop_reason or "",
+        "dialect": outcome.dialect.value,
     }
+    if outcome.silent_end:
+        # The last entry has no bytes: the client's last event is the one before it.
+        meta["silent_end"] = "true"
     if outcome.error is not None:
         meta["error"] = orjson.dumps(outcome.error).decode()
     return meta
@@ -73,6 +78,15 @@ class RunMeta:
     trace_id: str | None
     incomplete: str | None
     trimmed_events: int
+    dialect: str | None = None
+    protocol_id: str | None = None
+    dialect_state: str | None = None  # JSON: what the dialect needs to end the run elsewhere
+    silent_end: bool = False
+
+    @property
+    def last_event_seq(self) -> int:
+        """The seq of the last event a client received (the last entry may have no bytes)."""
+        return self.last_seq - 1 if self.silent_end else self.last_seq
 
     @classmethod
     def from_hash(cls, run_id: str, raw: dict[Any, Any]) -> RunMeta:
@@ -98,6 +112,10 @@ class RunMeta:
             trace_id=h.get("trace_id") or None,
             incomplete=h.get("incomplete") or None,
             trimmed_events=num("trimmed_events") or 0,
+            dialect=h.get("dialect") or None,
+            protocol_id=h.get("protocol_id") or None,
+            dialect_state=h.get("dialect_state") or None,
+            silent_end=h.get("silent_end") == "true",
         )
 
 
@@ -188,7 +206,7 @@ async def end_orphaned_run(
     *,
     require_dead: bool,
     ttl_seconds: int,
-    fill: bool,
+    default_status: Status = Status.FAILED,
 ) -> Outcome | None:
     """End a running run that no producer will end (lease expired, or cancelled without one).
 
@@ -201,8 +219,15 @@ async def end_orphaned_run(
         meta = await read_meta(redis, keys, run_id)
         if meta is None or meta.status != "running":
             return None
-        tracker = Tracker(
-            stop_reason=meta.stop_reason, error=meta.error, saw_error=meta.error is not None
+        # The run's own dialect, from its meta alone: its producer is gone.
+        tracker = restore_tracker(
+            meta.dialect,
+            stop_reason=meta.stop_reason,
+            error=meta.error,
+            last_seq=meta.last_seq,
+            protocol_id=meta.protocol_id,
+            dialect_state=meta.dialect_state,
+            default_status=default_status,
         )
         outcome = tracker.finish(cause)
         now_ms = int(time.time() * 1000)
@@ -215,8 +240,17 @@ async def end_orphaned_run(
         last = len(outcome.synthesized) - 1
         for i, synth in enumerate(outcome.synthesized):
             seq = meta.last_seq + i + 1
-            raw = render_event(
-                synth.data, event=synth.event, retry=None, seq=seq, run_id=run_id, fill=fill
+            raw = (
+                b""
+                if synth.data is None
+                else render_event(
+                    synth.data,
+                    event=synth.event,
+                    retry=None,
+                    seq=seq,
+                    run_id=run_id,
+                    fill=tracker.fills_ids,
+                )
             )
             args += [seq, raw, now_ms, "true" if i == last else "false"]
         reply: Any = await redis.eval(
@@ -225,10 +259,11 @@ async def end_orphaned_run(
         code = int(reply[0])
         if code == 1:
             log.warning(
-                "run ended without the upstream's [DONE]: forced %s",
+                "run ended without the upstream's own terminal: forced %s",
                 cause.value,
                 extra={
                     "run_id": run_id,
+                    "dialect": outcome.dialect.value,
                     "reason": cause.value,
                     "saw_error": outcome.saw_error,
                     "saw_done": outcome.saw_done,

@@ -856,6 +856,8 @@ async def test_status_of_a_running_then_finished_run(
         "forced_done": None,
         "incomplete": None,
         "trimmed_events": 0,
+        "dialect": "letta",
+        "protocol_id": None,
     }
     async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}") as resp:
         done = await resp.json()

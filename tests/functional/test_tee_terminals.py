@@ -121,11 +121,12 @@ async def check_run(
     if forced_done is None:
         assert forced == {}
     else:
-        assert forced == {(("reason", forced_done),): 1.0}
+        assert forced == {(("dialect", "letta"), ("reason", forced_done)): 1.0}
     label = stop_label if stop_label is not None else (stop_reason or "none")
     assert nonzero(samples(sc.metrics.registry, FINISHED)) == {
-        (("status", status), ("stop_reason", label)): 1.0
+        (("dialect", "letta"), ("status", status), ("stop_reason", label)): 1.0
     }
+    assert m["dialect"] == "letta"
     assert sc.metric("sse_sidecar_runs_active") == 0
     assert sc.metric("sse_sidecar_stream_events_total") == n
     return rows

@@ -25,7 +25,7 @@ def test_defaults_match_the_design() -> None:
     s = Settings()
     assert (s.host, s.port, s.admin_port) == ("0.0.0.0", 8080, 8081)
     assert s.key_prefix == "sse:run:"
-    assert s.dialect == "letta"
+    assert s.dialect == "auto"
     assert s.on_client_disconnect == "continue"
     assert s.stream_ttl_seconds == 3 * 3600
     assert s.max_stream_events == 100000
