@@ -21,6 +21,7 @@ from opentelemetry.trace import Tracer
 
 from sidecar.app import RUNS, WRITER, create_admin_app, create_app
 from sidecar.config import Settings
+from sidecar.demo.upstream import create_upstream_app
 from sidecar.telemetry import Metrics
 
 
@@ -210,6 +211,21 @@ async def upstream() -> AsyncIterator[Upstream]:
     await web.TCPSite(runner, "127.0.0.1", up.port).start()
     yield up
     await runner.cleanup()
+
+
+@pytest.fixture
+async def demo_upstream() -> AsyncIterator[str]:
+    """The demo LLM service (``sidecar/demo/upstream.py``: Letta, OpenAI Chat and Responses,
+    Anthropic, generic) on a free port; its base URL."""
+    runner = web.AppRunner(create_upstream_app(), shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
 
 
 # -- the sidecar ----------------------------------------------------------------------------

@@ -535,8 +535,9 @@ async def test_comments_are_relayed_live_but_not_stored_or_numbered(
         ev(3, filled(stop_payload("end_turn"), 3, r)),
         b"id: 4\ndata: [DONE]\n\n",
     )
+    # Comments are relayed as lone lines (the upstream's blank line after one is not).
     assert view.body == (
-        b": ping\n\n" + events[0] + b": keep-alive\n\n" + events[1] + events[2] + events[3]
+        b": ping\n" + events[0] + b": keep-alive\n" + events[1] + events[2] + events[3]
     )
     rows = await check_run(
         sc,
