@@ -3,7 +3,8 @@ streams end badly (``sidecar/demo/protocols.py`` has the event sequences).
 
 | route | protocol |
 |---|---|
-| ``POST /v1/agents/{agent_id}/messages/stream``, ``GET /v1/stream`` | Letta |
+| ``POST /v1/agents/{agent_id}/messages/stream``, ``POST /v1/agents/{agent_id}/messages``,
+  ``GET /v1/stream`` | Letta (always streamed) |
 | ``POST /v1/chat/completions`` | OpenAI Chat Completions |
 | ``POST /v1/responses`` | OpenAI Responses |
 | ``GET /v1/responses/{id}?stream=true&starting_after=N`` | OpenAI Responses resume |
@@ -225,6 +226,7 @@ def create_upstream_app() -> web.Application:
     app[PROTOCOLS] = {}
     for name, method, path, protocol in (
         ("letta", "POST", "/v1/agents/{agent_id}/messages/stream", LETTA),
+        ("letta_create", "POST", "/v1/agents/{agent_id}/messages", LETTA),
         ("letta_get", "GET", "/v1/stream", LETTA),
         ("chat", "POST", "/v1/chat/completions", OPENAI_CHAT),
         ("responses", "POST", "/v1/responses", OPENAI_RESPONSES),

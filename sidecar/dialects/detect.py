@@ -32,7 +32,7 @@ def hint_for_path(path: str) -> Dialect | None:
         return Dialect.OPENAI_RESPONSES
     if path.endswith("/v1/messages"):
         return Dialect.ANTHROPIC
-    if "/agents/" in path and path.endswith("/stream"):
+    if "/agents/" in path and path.endswith(("/stream", "/messages")):
         return Dialect.LETTA
     return None
 

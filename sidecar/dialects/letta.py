@@ -97,6 +97,9 @@ class LettaTracker(DialectTracker):
             self._set_error(error_data(event, payload))
             return _SAW_ERROR
         if isinstance(payload, dict):
+            if self.protocol_id is None:
+                # The upstream's own run id, which its clients resume with.
+                self._set_protocol_id(payload.get("run_id"))
             if payload.get("message_type") == "stop_reason":
                 self._set_stop_reason(payload.get("stop_reason"))
                 return _SAW_STOP_REASON
