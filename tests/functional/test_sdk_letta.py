@@ -220,9 +220,9 @@ async def test_resuming_after_the_seq_id_seen_gives_every_event_exactly_once(
             # The client resumes with what it saw: the upstream's own run id (the sidecar finds
             # the run by it) and the seq_id.
             assert seen["run_id"] == "run-upstream-own"
-            resumed = await client.runs.messages.stream(
-                seen["run_id"], starting_after=seen["seq_id"]
-            )
+            cursor = seen["seq_id"]
+            assert isinstance(cursor, int)
+            resumed = await client.runs.messages.stream(seen["run_id"], starting_after=cursor)
             rest = [item async for item in resumed]
             everything = await client.runs.messages.stream(run_id, starting_after=0)
             full = [item.to_dict() async for item in everything]
