@@ -138,8 +138,9 @@ class OpenAIResponsesTracker(DialectTracker):
         message = cause_message(cause, detail)
         error = {"code": "server_error", "message": message, "type": cause.value}
         if self.protocol_id is None:
-            payload: dict[str, Any] = {"type": "error", **error, "param": None}
-            payload["sequence_number"] = number
+            # An error event has no room for the reason but its message.
+            payload: dict[str, Any] = {"type": "error", "code": "server_error"}
+            payload |= {"message": message, "param": None, "sequence_number": number}
             return status, "error", error, (Synthesized(dumps(payload), "error"),)
         response = {
             "id": self.protocol_id,
