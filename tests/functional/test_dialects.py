@@ -312,3 +312,101 @@ async def test_a_responses_run_whose_producer_was_killed_ends_with_response_fail
     )
     assert b.output().count("forced producer_lost") == 1
     gate.open()
+
+
+# -- cancel, auth by protocol id --------------------------------------------------------------
+
+
+def chat_steps(gate: Gate) -> list[Step]:
+    chunk = {"id": "chatcmpl-cancel", "object": "chat.completion.chunk", "created": 1}
+    choice = {"index": 0, "delta": {"content": "a"}, "finish_reason": None}
+    return [data({**chunk, "choices": [choice]}), gate, b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize(
+    ("path", "dialect", "protocol_id"),
+    [
+        ("/v1/chat/completions", "openai-chat", "chatcmpl-cancel"),
+        ("/v1/messages", "anthropic", "msg_routed"),
+    ],
+)
+async def test_cancel_by_protocol_id_ends_the_run_in_its_dialect(
+    make_sidecar: SidecarFactory,
+    upstream: Upstream,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+    path: str,
+    dialect: str,
+    protocol_id: str,
+) -> None:
+    sc = await make_sidecar()
+    gate = Gate()
+    upstream.sse(path, chat_steps(gate) if dialect == "openai-chat" else anthropic_steps(gate))
+    async with http.post(sc.url + path, json={}) as resp:
+        live = LiveReader(resp)
+        await live.until(1)
+        await gate.reached.wait()
+        await eventually(
+            lambda: _exists(redis_client, f"sse:run:alias:{{{protocol_id}}}"), what="the alias"
+        )
+        async with http.post(f"{sc.url}/sidecar/v1/runs/{protocol_id}/cancel") as cancel:
+            assert cancel.status == 200
+            answer = await cancel.json()
+        body = await live.rest()
+    run = await stored_run(sc, redis_client, RunId(answer["run_id"]))
+    assert (run.meta["status"], run.meta["forced_done"], run.meta["dialect"]) == (
+        "cancelled",
+        "cancelled",
+        dialect,
+    )
+    view = ClientView(200, {}, body)
+    if dialect == "openai-chat":
+        error = json.loads(view.events[-2].data or "")["error"]
+        assert (error["type"], view.events[-1].data) == ("cancelled", "[DONE]")
+    else:
+        error = json.loads(view.events[-1].data or "")["error"]
+        assert (view.events[-1].event, error["type"]) == ("error", "api_error")
+    assert error["message"].startswith("sse-sidecar: cancelled: ")
+    gate.open()
+
+
+async def _exists(client: redis.asyncio.Redis, key: str) -> bool:
+    return bool(await client.exists(key))
+
+
+async def test_a_per_run_token_reads_its_run_by_protocol_id_and_only_its_own(
+    make_sidecar: SidecarFactory,
+    demo_upstream: str,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    sc = await make_sidecar(upstream_url=demo_upstream, signing_key="k")
+    tokens = {}
+    for demo_id in ("one", "two"):
+        url = f"{sc.url}/v1/chat/completions?delay_ms=0"
+        async with http.post(url, json={}, headers={"X-Demo-Id": demo_id}) as resp:
+            await resp.read()
+            tokens[demo_id] = resp.headers["X-Sidecar-Replay-Token"]
+    await sc.flushed()
+    await eventually(lambda: _exists(redis_client, "sse:run:alias:{chatcmpl-two}"), what="alias")
+    status_url = f"{sc.url}/sidecar/v1/runs/chatcmpl-one"
+    for headers, code in (
+        ({"Authorization": f"Bearer {tokens['one']}"}, 200),
+        ({"Authorization": f"Bearer {tokens['two']}"}, 403),
+        ({}, 401),
+    ):
+        async with http.get(status_url, headers=headers) as resp:
+            assert resp.status == code, headers
+    # The Responses resume route checks the same tokens (the openai SDK sends its api_key).
+    async with http.post(f"{sc.url}/v1/responses?delay_ms=0", json={},
+                         headers={"X-Demo-Id": "three"}) as resp:  # fmt: skip
+        await resp.read()
+        token = resp.headers["X-Sidecar-Replay-Token"]
+    await sc.flushed()
+    await eventually(lambda: _exists(redis_client, "sse:run:alias:{resp_three}"), what="alias")
+    async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key=token, max_retries=0) as ok:
+        events = [e async for e in await ok.responses.retrieve("resp_three", stream=True)]
+        assert events[-1].type == "response.completed"
+    async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="nope", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            await bad.responses.retrieve("resp_three", stream=True)
