@@ -161,7 +161,9 @@ class Api:
         try:
             run_id = await self._authorized(request)
             params = await params_from_body(request) if post else params_from_query(request)
-            return await self._replayer.stream(request, run_id, params)
+            return await self._or_alias(
+                request, run_id, lambda run: self._replayer.stream(request, run, params)
+            )
         except ReplayError as exc:
             self._m.replay_requests.labels(_OUTCOME_BY_STATUS.get(exc.status, "error")).inc()
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
@@ -176,7 +178,7 @@ class Api:
         handler: Callable[[RunId], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         try:
-            return await handler(await self._authorized(request))
+            return await self._or_alias(request, await self._authorized(request), handler)
         except ReplayError as exc:
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
         except (redis_errors.RedisError, OSError) as exc:
@@ -184,29 +186,41 @@ class Api:
             return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
 
     async def _authorized(self, request: web.Request) -> RunId:
-        """The validated run id (a protocol id resolved to its run), once the caller may touch
-        that run. A caller without a valid token is refused before any Redis read."""
+        """The validated run id, once the caller may touch that run; a caller without a valid
+        token is refused before any Redis read. A per-run token for another run is accepted
+        when the id is the protocol id (alias) of the token's run."""
         try:
             run_id = validate_run_id(request.match_info["run_id"])
         except InvalidRunId as exc:
             raise ReplayError(400, "invalid_run_id", str(exc)) from None
         verdict = self._auth.check(request, run_id)
-        if verdict in (Verdict.ALLOWED, Verdict.OTHER_RUN):
-            resolved = await self._resolve(run_id)
-            if resolved != run_id:
-                run_id = resolved
-                verdict = self._auth.check(request, run_id)
+        if verdict is Verdict.OTHER_RUN and (alias := await self._alias_of(run_id)) is not None:
+            run_id, verdict = alias, self._auth.check(request, alias)
         self._raise_unless_allowed(verdict)
         return run_id
+
+    async def _or_alias(
+        self,
+        request: web.Request,
+        run_id: RunId,
+        handler: Callable[[RunId], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """``handler(run_id)``; when no run has that id, the run whose protocol gave it that id
+        (looked up only then: a run id costs no extra Redis read)."""
+        try:
+            return await handler(run_id)
+        except ReplayError as exc:
+            if exc.type != "run_not_found" or (alias := await self._alias_of(run_id)) is None:
+                raise
+        self._check(request, alias)
+        return await handler(alias)
 
     def _check(self, request: web.Request, run_id: RunId) -> None:
         self._raise_unless_allowed(self._auth.check(request, run_id))
 
-    async def _resolve(self, run_id: RunId) -> RunId:
-        """A run id names its run; an id that names none may be a protocol's id for one."""
-        if await self._redis.exists(self._keys.meta(run_id)):
-            return run_id
-        return await resolve_alias(self._redis, self._keys, run_id) or run_id
+    async def _alias_of(self, protocol_id: RunId) -> RunId | None:
+        alias = await resolve_alias(self._redis, self._keys, protocol_id)
+        return alias if alias != protocol_id else None
 
     @staticmethod
     def _raise_unless_allowed(verdict: Verdict) -> None:
