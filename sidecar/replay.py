@@ -2,8 +2,9 @@
 
 A reader starts after a cursor (``Last-Event-ID``, ``starting_after``, or 0). It catches up with
 ``XRANGE`` pages of ``batch_size``, then follows the live tail through the shared ``Follower``
-from the last seq it sent, and ends right after the run's ``complete`` entry ([DONE]). The bytes
-it sends are the stored entries' ``data``, which are exactly what the live client received.
+from the last seq it sent, and ends right after the run's ``complete`` entry (its terminal). The
+bytes it sends are the stored entries' ``data``, which are exactly what the live client received
+(a run's last entry may have none: an end the client saw as the end of its stream).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from sidecar.writer import RunStream, Writer
 
 log = logging.getLogger(__name__)
 
-# After [DONE] the upstream normally ends its response at once; what it sends past [DONE] is
+# After its terminal the upstream normally ends its response at once; what it sends past it is
 # read and dropped, within these bounds, before the connection is given back.
 UPSTREAM_SETTLE_SECONDS = 1.0
 UPSTREAM_SETTLE_BYTES = 64 << 10
@@ -207,7 +207,7 @@ class Tee:
         )
 
     async def _settle_upstream(self) -> None:
-        """After [DONE]: let the upstream end its response, so it sees a clean finish (not a
+        """After the terminal: let the upstream end its response, so it sees a clean finish (not a
         reset on its last write) and the connection goes back to the pool."""
         try:
             async with asyncio.timeout(UPSTREAM_SETTLE_SECONDS):
@@ -224,7 +224,8 @@ class Tee:
             self._upstream.close()
 
     async def _pump(self) -> tuple[EndCause | None, str | None]:
-        """Read the upstream until [DONE] (cause None) or until it ends some other way."""
+        """Read the upstream until its own terminal (cause None) or until it ends some other
+        way."""
         content = self._upstream.content
         try:
             async for chunk in content.iter_any():
