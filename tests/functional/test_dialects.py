@@ -410,3 +410,24 @@ async def test_a_per_run_token_reads_its_run_by_protocol_id_and_only_its_own(
     async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="nope", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
             await bad.responses.retrieve("resp_three", stream=True)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
+async def test_an_eventsource_whose_connection_drops_gets_every_event_once(
+    sc: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis, path: str
+) -> None:
+    """Any dialect's run: the replay route resumes with Last-Event-ID, every event once, then
+    204 stops the EventSource after the run's own terminal."""
+    async with http.post(f"{sc.url}{path}?delay_ms=0&tokens=6", json={}) as resp:
+        live = ClientView(resp.status, dict(resp.headers), await resp.read())
+    await stored_run(sc, redis_client, live.run_id)
+    source = EventSource(
+        http, f"{sc.url}/sidecar/v1/runs/{live.run_id}/stream", drop_after={2, 5, 6}
+    )
+    async with asyncio.timeout(10):
+        await source.run()
+    assert [(e.type, e.data) for e in source.events] == [
+        (e.event or "message", e.data) for e in live.events
+    ]
+    assert source.attempts[-1].status == 204
+    assert source.ready_state is ReadyState.CLOSED
