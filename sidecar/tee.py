@@ -358,15 +358,11 @@ class Tee:
         if (cause is None or cause is EndCause.EOF) and self._decoder.buffered_bytes:
             tracker.partial_event = True
             detail = detail or "the upstream closed the stream inside an event"
-        meta = self._tracker_meta(tracker, None)
         outcome = tracker.finish(cause or EndCause.EOF, detail)
         self.outcome = outcome
         last = len(outcome.synthesized) - 1
         for i, synth in enumerate(outcome.synthesized):
-            final = outcome if i == last else None
-            self._emit_synthesized(synth, meta=meta if i == 0 else None, final=final)
-        if not outcome.synthesized and meta:
-            self._writer.update_meta(self._stream, meta)
+            self._emit_synthesized(synth, final=outcome if i == last else None)
         await self._flush_client()
         self._m.runs_active.dec()
         dialect = outcome.dialect.value
@@ -408,17 +404,14 @@ class Tee:
             },
         )
 
-    def _emit_synthesized(
-        self, synth: Synthesized, *, meta: dict[str, str] | None, final: Outcome | None
-    ) -> None:
+    def _emit_synthesized(self, synth: Synthesized, *, final: Outcome | None) -> None:
         if synth.data is not None:
-            self._emit(synth.data, synth.event, None, None, meta=meta, final=final)
+            self._emit(synth.data, synth.event, None, None, final=final)
             return
         # An end with no bytes: stored so that replay readers know the run ended; no client
         # gets anything.
         self._seq += 1
-        if final is not None:
-            meta = {**(meta or {}), **final_meta(final)}
+        meta = final_meta(final) if final is not None else None
         self._writer.append(self._stream, self._seq, b"", complete=final is not None, meta=meta)
 
 
