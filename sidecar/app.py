@@ -40,7 +40,7 @@ from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, OrphanSweep, RunRegistry, new_producer_id
 from sidecar.store import RunStore
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause
+from sidecar.terminal import EndCause, Status
 from sidecar.tracing import exemplar, tracer_of, tracer_provider_from_env
 from sidecar.writer import Writer
 
@@ -178,7 +178,7 @@ async def _runs(app: web.Application) -> AsyncIterator[None]:
         app[TRACER],
         finalizer_id=new_producer_id(),
         ttl_seconds=s.stream_ttl_seconds,
-        fill=s.dialect == "letta",
+        default_status=Status(s.status_without_stop_reason),
     )
     sweep = OrphanSweep(store, runs, finalizer, metrics, lease_seconds=s.lease_seconds)
     cancels = CancelListener(store, runs, metrics)
@@ -234,7 +234,14 @@ async def _http(app: web.Application) -> AsyncIterator[None]:
     proxy = Proxy(s, session, app[WRITER], app[RUNS], metrics, authorizer, tracer)
     app[PROXY] = proxy
     app[API] = Api(
-        app[STORE], replayer, app[FOLLOWER], app[RUNS], app[FINALIZER], authorizer, metrics
+        app[STORE],
+        replayer,
+        app[FOLLOWER],
+        app[RUNS],
+        app[FINALIZER],
+        authorizer,
+        metrics,
+        proxy=proxy.handle,
     )
     try:
         yield

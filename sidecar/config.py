@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sidecar.dialects.routes import Routes, parse_routes
+
 ENV_PREFIX = "SSE_SIDECAR_"
 _REDIS_SCHEMES = {"redis", "rediss", "unix"}
 
@@ -36,12 +38,22 @@ class Settings(BaseSettings):
     key_prefix: str = Field(
         "sse:run:", min_length=1, description="Prefix of every Redis key the sidecar writes."
     )
-    dialect: Literal["letta"] = Field(
-        "letta", description="How streams end and payloads look (terminal table, id filling)."
+    dialect: Literal["auto", "letta", "openai-chat", "openai-responses", "anthropic", "generic"] = (
+        Field(
+            "auto",
+            description="The protocol of the upstream's streams (terminal events, stop reasons, "
+            "what a forced end appends); auto detects it per run from its first event.",
+        )
+    )
+    dialect_routes: str = Field(
+        "",
+        description="Per-route dialect overrides: comma-separated <path glob>=<dialect>, the "
+        "first match wins (e.g. /v1/chat/completions=openai-chat,/agents/*=letta).",
     )
     status_without_stop_reason: Literal["failed", "completed"] = Field(
         "failed",
-        description="Status of a run whose [DONE] came with neither a stop reason nor an error.",
+        description="Status of a run whose own terminal came with neither a stop reason nor an "
+        "error (letta, openai-chat, anthropic).",
     )
     run_id_header: str = Field(
         "X-Run-Id", min_length=1, description="Header carrying the run id (upstream, then client)."
@@ -146,6 +158,16 @@ class Settings(BaseSettings):
                 f"must start with one of {sorted(s + '://' for s in _REDIS_SCHEMES)}, got {value!r}"
             )
         return value
+
+    @field_validator("dialect_routes")
+    @classmethod
+    def _dialect_routes(cls, value: str) -> str:
+        parse_routes(value)  # raises a ValueError naming the bad item
+        return value
+
+    @property
+    def dialect_route_table(self) -> Routes:
+        return parse_routes(self.dialect_routes)
 
     @field_validator("replay_token", "signing_key")
     @classmethod

@@ -15,12 +15,13 @@ import time
 
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 
+from sidecar.dialects import restore_tracker
 from sidecar.keys import RunId
 from sidecar.payload import render_event
 from sidecar.store import FinalizeStatus, Pending, RunStore
 from sidecar.store.meta import final_meta, now_ms
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause, Outcome, Status, Tracker
+from sidecar.terminal import EndCause, Outcome, Status
 from sidecar.tracing import exemplar
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ def record_end(
     detail: str | None = None,
 ) -> None:
     """Count, trace and log a run's end (its events are stored by the caller)."""
-    status = outcome.status.value
-    metrics.runs_finished.labels(status, outcome.stop_reason_label).inc()
+    status, dialect = outcome.status.value, outcome.dialect.value
+    metrics.runs_finished.labels(status, outcome.stop_reason_label, dialect).inc()
     metrics.run_duration.labels(status).observe(duration, exemplar(span))
     span.set_attributes(
         {
@@ -52,13 +53,14 @@ def record_end(
         log.debug("run finished: %s", status, extra={"run_id": run_id})
         return
     reason = outcome.forced_done.value
-    metrics.forced_done.labels(reason).inc()
+    metrics.forced_done.labels(reason, dialect).inc()
     span.add_event("forced_done", {"sse.reason": reason, "sse.detail": detail or ""})
     log.warning(
-        "run ended without the upstream's terminal: forced %s",
+        "run ended without the upstream's own terminal: forced %s",
         reason,
         extra={
             "run_id": run_id,
+            "dialect": dialect,
             "reason": reason,
             "saw_error": outcome.saw_error,
             "saw_done": outcome.saw_done,
@@ -78,14 +80,14 @@ class Finalizer:
         *,
         finalizer_id: str,
         ttl_seconds: int,
-        fill: bool,
+        default_status: Status,
     ) -> None:
         self._store = store
         self._m = metrics
         self._tracer = tracer
         self._id = finalizer_id
         self._ttl = ttl_seconds
-        self._fill = fill
+        self._default_status = default_status
 
     async def end(self, run_id: RunId, cause: EndCause, *, require_dead: bool) -> FinalizeStatus:
         """End ``run_id`` with ``cause``'s terminal, if it is still running (and, with
@@ -96,8 +98,15 @@ class Finalizer:
                 return FinalizeStatus.MISSING
             if not meta.running:
                 return FinalizeStatus.ALREADY_ENDED
-            tracker = Tracker(
-                stop_reason=meta.stop_reason, error=meta.error, saw_error=meta.error is not None
+            # The run's own dialect, from its meta alone: its producer is gone.
+            tracker = restore_tracker(
+                meta.dialect,
+                stop_reason=meta.stop_reason,
+                error=meta.error,
+                last_seq=meta.last_seq,
+                protocol_id=meta.protocol_id,
+                dialect_state=meta.dialect_state,
+                default_status=self._default_status,
             )
             outcome = tracker.finish(cause)
             stamp = now_ms()
@@ -105,13 +114,15 @@ class Finalizer:
             events = [
                 Pending(
                     meta.last_seq + i + 1,
-                    render_event(
+                    b""
+                    if synth.data is None  # a stored end without bytes (generic)
+                    else render_event(
                         synth.data,
                         event=synth.event,
                         retry=None,
                         seq=meta.last_seq + i + 1,
                         run_id=run_id,
-                        fill=self._fill,
+                        fill=tracker.fills_ids,
                     ),
                     stamp,
                     i == last,

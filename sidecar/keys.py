@@ -43,6 +43,10 @@ class Keys:
         """The run id of a stream key this class built (the text between the braces)."""
         return RunId(stream_key[len(self.prefix) + 1 : -1])
 
+    def alias(self, protocol_id: RunId) -> str:
+        """String: the run id of the run whose protocol named it ``protocol_id`` (resp_..., ...)."""
+        return f"{self.prefix}alias:{{{protocol_id}}}"
+
     @property
     def cancel_channel(self) -> str:
         """Pub/sub channel on which any replica asks the producer of a run to cancel it."""

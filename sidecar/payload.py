@@ -1,4 +1,5 @@
-"""JSON payloads of SSE events: parsing, and the ``letta`` dialect's id filling. Pure."""
+"""JSON payloads of SSE events: parsing, and the ``letta`` dialect's ids (``seq_id`` set to the
+event's seq, a missing ``run_id`` filled). Pure."""
 
 from __future__ import annotations
 
@@ -29,15 +30,22 @@ def parse_payload(data: str | None) -> Any | None:
 
 
 def fill_ids(data: str, payload: Any, seq: int, run_id: str) -> str:
-    """Fill a null or missing top-level ``seq_id`` / ``run_id`` (letta dialect).
+    """Set the top-level ``seq_id`` to the event's seq, and fill a null or missing ``run_id``
+    (letta dialect).
 
-    Real JSON rewriting: the payload is re-serialised only when something was filled, so events
-    that already carry both ids keep their exact bytes.
+    ``seq_id`` is the cursor a Letta client resumes from (``runs.messages.stream(run_id,
+    starting_after=<seq_id>)``), and the sidecar serves that resume by its own seq: so the two
+    must be one number. An upstream that numbers its events itself (from 0, or without counting
+    its pings) would otherwise hand the client a cursor that replays events it already has.
+
+    Real JSON rewriting: the payload is re-serialised only when something changed, so events
+    that already carry the right ids keep their exact bytes.
     """
     if not isinstance(payload, dict):
         return data
     fills: dict[str, Any] = {}
-    if payload.get("seq_id") is None:
+    current = payload.get("seq_id")
+    if current != seq or type(current) is not int:
         fills["seq_id"] = seq
     if payload.get("run_id") is None:
         fills["run_id"] = run_id

@@ -26,12 +26,15 @@ from yarl import URL
 
 from sidecar.auth import Authorizer
 from sidecar.config import Settings
+from sidecar.dialects import hint_for_path
+from sidecar.dialects.routes import dialect_for_path
 from sidecar.errors import InvalidRunId, RequestTooLarge, RunConflict
 from sidecar.keys import RunId, new_run_id, validate_run_id
 from sidecar.runs import RunRegistry, new_producer_id
 from sidecar.store.meta import initial_meta
 from sidecar.tee import Tee
 from sidecar.telemetry import Metrics
+from sidecar.terminal import Dialect
 from sidecar.tracing import trace_ids
 from sidecar.writer import RunStream, Writer
 
@@ -108,6 +111,7 @@ class Proxy:
         tracer: Tracer,
     ) -> None:
         self._s = settings
+        self._routes = settings.dialect_route_table
         self._auth = authorizer
         self._tracer = tracer
         self._session = session
@@ -250,8 +254,16 @@ class Proxy:
         span = self._tracer.start_span(
             "sse.run", kind=SpanKind.INTERNAL, attributes={"sse.run_id": run_id}
         )
+        setting = dialect_for_path(self._routes, self._s.dialect, request.path)
+        dialect = None if setting == "auto" else Dialect(setting)
+        hint = hint_for_path(request.path)
         ids = trace_ids(span)
-        meta = initial_meta(route="proxy", trace_id=ids[0] if ids is not None else None)
+        meta = initial_meta(
+            route="proxy",
+            trace_id=ids[0] if ids is not None else None,
+            # auto: what ends the run if no event comes; its first event says the rest.
+            dialect=(dialect or hint or Dialect.GENERIC).value,
+        )
         stream = self._writer.open(
             run_id, new_producer_id(), meta, span_context=span.get_span_context()
         )
@@ -295,16 +307,17 @@ class Proxy:
             decompressor=decompressor,
             started=started,
             span=span,
+            dialect=dialect,
+            hint=hint,
             first=first,
         )
-        self._m.runs_started.labels("proxy").inc()
         self._m.runs_active.inc()
         try:
             await resp.prepare(request)
         except (ConnectionError, RuntimeError):
             tee.client_gone()
         else:
-            tee.attach(resp)
+            tee.attach(resp, request.transport)
         with trace.use_span(span, end_on_exit=False):
             # Created inside: the tee's task runs (and logs) with sse.run as its current span.
             task = asyncio.create_task(tee.run(), name=f"tee:{run_id}")

@@ -3,7 +3,8 @@
 A reader starts after a cursor (``Last-Event-ID``, ``starting_after``, or 0). It catches up with
 pages of ``batch_size`` from the store, then follows the live tail through the shared
 ``Follower`` from the last seq it sent, and ends right after the run's ``complete`` entry (its
-terminal). A hole (events the writer could not store, or history Redis lost) is never streamed
+terminal; a run's last entry may have no bytes: an end the client saw as the end of its
+stream). A hole (events the writer could not store, or history Redis lost) is never streamed
 over: the reader gets an error event naming it and the stream is cut. The bytes
 it sends are the stored entries' ``data``, which are exactly what the live client received.
 """
@@ -75,7 +76,7 @@ class _Sent:
     events: int = 0
 
 
-def _cursor(value: str, source: str) -> int:
+def cursor_param(value: str, source: str = "starting_after") -> int:
     text = value.strip()
     if not text.isascii() or not text.isdigit() or len(text) > 18:
         raise ApiError(
@@ -87,14 +88,14 @@ def _cursor(value: str, source: str) -> int:
 def params_from_query(request: web.Request) -> ReplayParams:
     """GET: cursor from ``Last-Event-ID`` (what EventSource sends), else ``?starting_after``."""
     if (header := request.headers.get("Last-Event-ID")) is not None:
-        cursor = _cursor(header, "Last-Event-ID")
+        cursor = cursor_param(header, "Last-Event-ID")
     elif (query := request.query.get("starting_after")) is not None:
-        cursor = _cursor(query, "starting_after")
+        cursor = cursor_param(query, "starting_after")
     else:
         cursor = 0
     batch = DEFAULT_BATCH
     if (raw := request.query.get("batch_size")) is not None:
-        batch = _cursor(raw, "batch_size")
+        batch = cursor_param(raw, "batch_size")
         if not 1 <= batch <= MAX_BATCH:
             raise ApiError(400, "bad_request", f"batch_size must be 1..{MAX_BATCH}")
     pings = request.query.get("include_pings", "false").lower() in ("1", "true", "yes")
@@ -110,7 +111,7 @@ async def params_from_body(request: web.Request) -> ReplayParams:
         raise ApiError(400, "bad_request", f"invalid replay body: {exc}") from None
     cursor = body.starting_after or 0
     if (header := request.headers.get("Last-Event-ID")) is not None:
-        cursor = _cursor(header, "Last-Event-ID")
+        cursor = cursor_param(header, "Last-Event-ID")
     pings = True if body.include_pings is None else body.include_pings
     return ReplayParams(cursor, pings, body.batch_size or DEFAULT_BATCH)
 
@@ -145,11 +146,11 @@ class Replayer:
         if meta is None:
             raise ApiError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
         cursor = params.starting_after
-        if cursor < meta.last_seq:
-            await self._check_retained(meta, cursor)
-        elif not meta.running:
+        if not meta.running and cursor >= meta.last_event_seq:
             self._m.replay_requests.labels("no_content").inc()
             return web.Response(status=204)
+        if cursor < meta.last_seq:
+            await self._check_retained(meta, cursor)
         resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Sidecar-Run-Id": run_id})
         await resp.prepare(request)
         self._m.replay_requests.labels("ok").inc()

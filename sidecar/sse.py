@@ -220,5 +220,12 @@ def encode_event(
 
 
 def encode_comment(text: str) -> bytes:
-    """A comment line plus a blank line; harmless at an event boundary, where the tee sends it."""
-    return b":" + _NEWLINES.sub(" ", text).encode() + b"\n\n"
+    """One comment line, without a blank line after it.
+
+    A blank line dispatches an event in a client's decoder. The SDKs' decoders (openai,
+    letta-client: httpx-sse's) keep the last event id across events, as the spec says, and so
+    dispatch an event with empty data for a blank line that follows a comment once an ``id:``
+    was seen; they then fail to parse it as JSON. A lone comment line is skipped by every
+    decoder, wherever it comes.
+    """
+    return b":" + _NEWLINES.sub(" ", text).encode() + b"\n"

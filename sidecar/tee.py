@@ -16,11 +16,11 @@ import zlib
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from opentelemetry.trace import Span
 
 from sidecar.config import Settings
+from sidecar.dialects import detect, new_tracker
 from sidecar.ending import record_end
 from sidecar.errors import EventTooLarge
 from sidecar.keys import RunId
@@ -29,13 +29,21 @@ from sidecar.runs import RunRegistry
 from sidecar.sse import Comment, Event, SSEDecoder, encode_comment, encode_event
 from sidecar.store.meta import final_meta
 from sidecar.telemetry import Metrics
-from sidecar.terminal import EndCause, Outcome, Status, Tracker, Transition, is_done
+from sidecar.terminal import (
+    Dialect,
+    DialectTracker,
+    EndCause,
+    Outcome,
+    Status,
+    Synthesized,
+    Transition,
+)
 from sidecar.tracing import exemplar
 from sidecar.writer import RunStream, Writer
 
 log = logging.getLogger(__name__)
 
-# After [DONE] the upstream normally ends its response at once; what it sends past [DONE] is
+# After its terminal the upstream normally ends its response at once; what it sends past it is
 # read and dropped, within these bounds, before the connection is given back.
 UPSTREAM_SETTLE_SECONDS = 1.0
 UPSTREAM_SETTLE_BYTES = 64 << 10
@@ -57,6 +65,8 @@ class Tee:
         decompressor: Any | None,
         started: float,
         span: Span,
+        dialect: Dialect | None,
+        hint: Dialect | None = None,
         first: asyncio.Future[bytes] | None = None,
     ) -> None:
         self._run_id = run_id
@@ -74,9 +84,16 @@ class Tee:
         self._started = started
         self._cancel_on_disconnect = settings.on_client_disconnect == "cancel"
         self._decoder = SSEDecoder(settings.max_event_bytes)
-        self._tracker = Tracker(default_status=Status(settings.status_without_stop_reason))
-        self._fill = settings.dialect == "letta"
+        self._default_status = Status(settings.status_without_stop_reason)
+        # auto (dialect None) decides at the first data event; the hint decides a run that had
+        # none.
+        self._hint = hint
+        self._tracker: DialectTracker | None = None
+        self._fill = False
+        if dialect is not None:
+            self._start_tracker(dialect)
         self._resp: web.StreamResponse | None = None
+        self._transport: asyncio.BaseTransport | None = None
         self._seq = 0
         self._first_event_at: float | None = None
         self._cancel_cause: EndCause | None = None
@@ -97,8 +114,20 @@ class Tee:
     def stream(self) -> RunStream:
         return self._stream
 
-    def attach(self, resp: web.StreamResponse) -> None:
+    def attach(
+        self, resp: web.StreamResponse, transport: asyncio.BaseTransport | None = None
+    ) -> None:
         self._resp = resp
+        self._transport = transport
+
+    def _start_tracker(self, dialect: Dialect) -> DialectTracker:
+        """The run's dialect is known: its tracker, and the run counts as started in it (so that
+        runs_started and runs_finished pair per dialect)."""
+        tracker = self._tracker = new_tracker(dialect, self._default_status)
+        self._fill = tracker.fills_ids
+        self._m.runs_started.labels("proxy", dialect.value).inc()
+        self._span.set_attribute("sse.dialect", dialect.value)
+        return tracker
 
     def client_gone(self) -> None:
         if self._client_left:
@@ -159,13 +188,27 @@ class Tee:
         await self._finish(cause, detail)
         self._runs.remove(self)
         if self._resp is not None:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self._resp.write_eof()
+            if self._cut_client() and self._transport is not None:
+                # The protocol has no words for this end (generic): show the client the broken
+                # stream the upstream gave, not a clean end that would look like a finished run.
+                self._transport.close()
+            else:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self._resp.write_eof()
         self.ended.set_result(None)
         return cause
 
+    def _cut_client(self) -> bool:
+        outcome, tracker = self.outcome, self._tracker
+        return (
+            outcome is not None
+            and outcome.forced_done is not None
+            and tracker is not None
+            and tracker.cuts_client_on_forced
+        )
+
     async def _settle_upstream(self) -> None:
-        """After [DONE]: let the upstream end its response, so it sees a clean finish (not a
+        """After the terminal: let the upstream end its response, so it sees a clean finish (not a
         reset on its last write) and the connection goes back to the pool."""
         try:
             async with asyncio.timeout(UPSTREAM_SETTLE_SECONDS):
@@ -182,7 +225,8 @@ class Tee:
             self._upstream.close()
 
     async def _pump(self) -> tuple[EndCause | None, str | None]:
-        """Read the upstream until [DONE] (cause None) or until it ends some other way."""
+        """Read the upstream until its own terminal (cause None) or until it ends some other
+        way."""
         content = self._upstream.content
         try:
             if self._first is not None:
@@ -222,7 +266,8 @@ class Tee:
         return (None, None) if done else None
 
     def _relay(self, items: list[Comment | Event]) -> bool:
-        """Number, store and queue for the client each item; True once [DONE] went through."""
+        """Number, store and queue for the client each item; True once the protocol's own
+        terminal went through."""
         for item in items:
             if isinstance(item, Comment):
                 self._out.append(encode_comment(item.text))
@@ -238,21 +283,34 @@ class Tee:
                 )
             payload = parse_payload(item.data)
             meta: dict[str, str] | None = None
-            for transition in self._tracker.observe(item, payload):
+            tracker = self._tracker
+            if tracker is None:
+                tracker = self._start_tracker(detect(item, payload, self._hint))
+                meta = {"dialect": tracker.dialect.value}
+            for transition in tracker.observe(item, payload):
                 self._m.stream_transitions.labels(transition.value).inc()
                 if transition is not Transition.SAW_STOP_REASON:
                     self._span.add_event(transition.value, {"sse.seq": self._seq + 1})
-                meta = meta or {}
-                if transition == "saw_stop_reason" and self._tracker.stop_reason is not None:
-                    meta["stop_reason"] = self._tracker.stop_reason
-                elif transition == "saw_error":
-                    meta["error"] = orjson.dumps(self._tracker.error).decode()
-            if is_done(item):
-                final = self._tracker.finish()
+            if tracker.meta:
+                meta = self._tracker_meta(tracker, meta)
+            if tracker.saw_done:
+                final = tracker.finish()
                 self._emit(item.data, item.event, item.retry, payload, meta=meta, final=final)
                 return True
             self._emit(item.data, item.event, item.retry, payload, meta=meta)
         return False
+
+    def _tracker_meta(
+        self, tracker: DialectTracker, meta: dict[str, str] | None
+    ) -> dict[str, str] | None:
+        """The tracker's changed meta fields, written with the event that changed them."""
+        changed = tracker.take_meta()
+        if changed is None:
+            return meta
+        protocol_id = changed.get("protocol_id")
+        if protocol_id is not None:
+            self._writer.alias(self._stream, protocol_id)
+        return {**meta, **changed} if meta else changed
 
     def _emit(
         self,
@@ -264,7 +322,7 @@ class Tee:
         meta: dict[str, str] | None = None,
         final: Outcome | None = None,
     ) -> None:
-        """Number, store and queue one event; ``final`` marks the run's last event ([DONE])."""
+        """Number, store and queue one event; ``final`` marks the run's last event."""
         self._seq += 1
         seq = self._seq
         raw = render_event(
@@ -300,12 +358,19 @@ class Tee:
             self.client_gone()
 
     async def _finish(self, cause: EndCause | None, detail: str | None) -> None:
-        # When the upstream's [DONE] came, the outcome exists already and synthesizes nothing.
-        outcome = self._tracker.finish(cause or EndCause.EOF, detail)
+        # When the upstream's own terminal came, the outcome exists already and synthesizes
+        # nothing.
+        tracker = self._tracker
+        if tracker is None:  # no data event came: the path's usual protocol, else generic
+            tracker = self._start_tracker(self._hint or Dialect.GENERIC)
+        if (cause is None or cause is EndCause.EOF) and self._decoder.buffered_bytes:
+            tracker.partial_event = True
+            detail = detail or "the upstream closed the stream inside an event"
+        outcome = tracker.finish(cause or EndCause.EOF, detail)
         self.outcome = outcome
         last = len(outcome.synthesized) - 1
         for i, synth in enumerate(outcome.synthesized):
-            self._emit(synth.data, synth.event, None, None, final=outcome if i == last else None)
+            self._emit_synthesized(synth, final=outcome if i == last else None)
         await self._flush_client()
         self._m.runs_active.dec()
         self._span.set_attributes({"sse.events": self._seq, "sse.bytes": self._bytes})
@@ -318,6 +383,16 @@ class Tee:
             detail=detail,
         )
         self._span.end()
+
+    def _emit_synthesized(self, synth: Synthesized, *, final: Outcome | None) -> None:
+        if synth.data is not None:
+            self._emit(synth.data, synth.event, None, None, final=final)
+            return
+        # An end with no bytes: stored so that replay readers know the run ended; no client
+        # gets anything.
+        self._seq += 1
+        meta = final_meta(final) if final is not None else None
+        self._writer.append(self._stream, self._seq, b"", complete=final is not None, meta=meta)
 
 
 def _take_buffered(content: aiohttp.StreamReader) -> bytes:

@@ -14,7 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from sidecar import __version__
-from sidecar.terminal import STOP_REASON_STATUS, ForcedDone, Status, Transition
+from sidecar.dialects import TRACKERS
+from sidecar.terminal import ForcedDone, Status, Transition
 from sidecar.tracing import trace_ids
 
 PREFIX = "sse_sidecar_"
@@ -64,6 +65,7 @@ REDIS_OPERATIONS = (
     "sweep",
     "probe",
     "cancel",
+    "alias",
 )
 # The supervised background tasks (background_crashes_total's label).
 BACKGROUND_TASKS = (
@@ -85,15 +87,16 @@ class Metrics:
         p = PREFIX
         self.runs_started = Counter(
             p + "runs_started_total",
-            "Runs whose SSE response the sidecar started teeing.",
-            ["route"],
+            "Runs whose SSE response the sidecar started teeing (counted once their dialect is "
+            "known).",
+            ["route", "dialect"],
             registry=r,
         )
         self.runs_active = Gauge(p + "runs_active", "Runs being teed right now.", registry=r)
         self.runs_finished = Counter(
             p + "runs_finished_total",
-            "Runs that ended, by final status and stop reason.",
-            ["status", "stop_reason"],
+            "Runs that ended, by final status, stop reason and dialect.",
+            ["status", "stop_reason", "dialect"],
             registry=r,
         )
         self.stream_transitions = Counter(
@@ -105,8 +108,8 @@ class Metrics:
         )
         self.forced_done = Counter(
             p + "forced_done_total",
-            "Runs the sidecar had to end itself because the upstream's [DONE] never came.",
-            ["reason"],
+            "Runs the sidecar had to end itself because the upstream's own terminal never came.",
+            ["reason", "dialect"],
             registry=r,
         )
         self.stream_events = Counter(
@@ -226,8 +229,6 @@ class Metrics:
     def _zero_known_series(self) -> None:
         """Create the series of every known label value at 0, so that a dashboard panel or an
         alert shows 0 (not "no data") until the first such event, and rate() sees its start."""
-        for reason in ForcedDone:
-            self.forced_done.labels(reason.value)
         for transition in Transition:
             self.stream_transitions.labels(transition.value)
         for outcome in ("ok", "error"):
@@ -240,18 +241,17 @@ class Metrics:
             self.background_crashes.labels(task)
         for outcome in REPLAY_OUTCOMES:
             self.replay_requests.labels(outcome)
-        self.runs_started.labels("proxy")
-        # Without these, the first run of each kind after a restart is invisible to increase(),
-        # while its forced_done (pre-created above) is not: the forced ratio would spike.
-        for stop_reason, status in STOP_REASON_STATUS.items():
-            self.runs_finished.labels(status.value, stop_reason)
-        for status, label in (
-            (Status.FAILED, "none"),
-            (Status.COMPLETED, "none"),
-            (Status.COMPLETED, "other"),
-            (Status.FAILED, "other"),
-        ):
-            self.runs_finished.labels(status.value, label)
+        # Without the runs series, the first run of each kind after a restart is invisible to
+        # increase(), while its forced_done is not: the forced ratio would spike.
+        for dialect, tracker in TRACKERS.items():
+            self.runs_started.labels("proxy", dialect.value)
+            for reason in ForcedDone:
+                self.forced_done.labels(reason.value, dialect.value)
+            for stop_reason, status in tracker.STOP_REASONS.items():
+                self.runs_finished.labels(status.value, stop_reason, dialect.value)
+            for status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
+                for label in ("none", "other"):
+                    self.runs_finished.labels(status.value, label, dialect.value)
         for status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
             self.run_duration.labels(status.value)
 

@@ -31,8 +31,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode, Tracer
 
 from sidecar.background import Background
-from sidecar.errors import StoreError
-from sidecar.keys import RunId
+from sidecar.errors import InvalidRunId, StoreError
+from sidecar.keys import RunId, validate_run_id
 from sidecar.store import AppendOp, AppendResult, AppendStatus, Pending, RunStore, backoff
 from sidecar.store import meta as fields
 from sidecar.telemetry import Metrics
@@ -107,6 +107,7 @@ class Writer:
         self._urgent: OrderedDict[RunStream, None] = OrderedDict()
         self._leases: dict[RunId, int] = {}  # lease index additions for the next round trip
         self._ended: set[RunId] = set()  # lease index removals for the next round trip
+        self._aliases: dict[RunId, RunId] = {}  # protocol id -> run id, for the next round trip
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -219,6 +220,21 @@ class Writer:
         self._add_meta(run, meta)
         self._mark_dirty(run)
 
+    def alias(self, run: RunStream, protocol_id: str) -> None:
+        """Record that the run's protocol calls it ``protocol_id`` (``resp_...``, ``msg_...``):
+        written with the next round trip, so the run can be looked up by that id too."""
+        if protocol_id == run.run_id or run.fenced is not None:
+            return
+        try:
+            # Protocol ids go into a key: the run-id rules keep them safe there.
+            alias = validate_run_id(protocol_id)
+        except InvalidRunId:
+            log.debug("not recording the protocol id %r: not a valid key part", protocol_id[:80])
+            return
+        self._aliases[alias] = run.run_id
+        self._idle.clear()
+        self._wake.set()
+
     def renew(self, runs: Iterable[RunStream], *, resend_initial: bool = False) -> None:
         """Renew these runs' leases in the next round trip, ahead of any backlog.
 
@@ -309,14 +325,14 @@ class Writer:
         self._after_change()
 
     def _after_change(self) -> None:
-        if not self._dirty and not self._leases and not self._ended:
+        if not self._dirty and not self._leases and not self._ended and not self._aliases:
             self._idle.set()
 
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._dirty or self._leases or self._ended:
+            while self._dirty or self._leases or self._ended or self._aliases:
                 if await self._round():
                     self._failed_rounds = 0
                 else:
@@ -347,12 +363,9 @@ class Writer:
     async def _round(self) -> bool:
         """One round trip for as many runs as fit; True unless something has to be retried."""
         batch = self._batch()
-        leases, ended = dict(self._leases), list(self._ended)
-        self._leases.clear()
-        self._ended.clear()
         if not batch:
-            # Only lease-index bookkeeping (e.g. runs that ended): not a flush of any run.
-            return await self._send(batch, leases, ended, trace.INVALID_SPAN) != "error"
+            # Only bookkeeping (the lease index, aliases): not a flush of any run.
+            return await self._send(batch, trace.INVALID_SPAN) != "error"
         n_events = sum(n for _, n, _ in batch)
         links = [Link(run.span_context) for run, _, _ in batch if run.span_context is not None]
         with self._tracer.start_as_current_span(
@@ -361,21 +374,18 @@ class Writer:
             links=links,
             attributes={"sse.flush.events": n_events, "sse.flush.runs": len(batch)},
         ) as span:
-            outcome = await self._send(batch, leases, ended, span)
+            outcome = await self._send(batch, span)
             span.set_attribute("sse.flush.outcome", outcome)
             if outcome != "ok":
                 span.set_status(StatusCode.ERROR)
         self._m.flushes.labels("ok" if outcome == "ok" else "error").inc()
         return outcome != "error"
 
-    async def _send(
-        self,
-        batch: list[tuple[RunStream, int, dict[str, str]]],
-        leases: dict[RunId, int],
-        ended: list[RunId],
-        span: Span,
-    ) -> str:
+    async def _send(self, batch: list[tuple[RunStream, int, dict[str, str]]], span: Span) -> str:
         """The round trip itself; its outcome: ok, retry (send again now), error (back off)."""
+        leases, ended, aliases = self._leases, list(self._ended), self._aliases
+        self._leases, self._aliases = {}, {}
+        self._ended.clear()
         ops: list[AppendOp] = []
         for run, n, standalone in batch:
             events = list(islice(run.events, n))
@@ -400,13 +410,14 @@ class Writer:
                 maxlen=self._maxlen,
                 leases=leases,
                 ended=ended,
+                aliases=aliases,
             )
         except StoreError as exc:
             for run, _, _ in batch:
                 run.inflight = 0
-            # Nothing is known to have happened: send the lease updates again too.
-            for run_id, deadline in leases.items():
-                self._leases.setdefault(run_id, deadline)
+            # Nothing is known to have happened: send the bookkeeping again too.
+            self._leases = {**leases, **self._leases}
+            self._aliases = {**aliases, **self._aliases}
             self._ended.update(ended)
             self._m.redis_errors.labels("flush").inc()
             span.record_exception(exc)

@@ -21,6 +21,7 @@ from opentelemetry.trace import Tracer
 
 from sidecar.app import RUNS, WRITER, create_admin_app, create_app
 from sidecar.config import Settings
+from sidecar.demo.upstream import create_upstream_app
 from sidecar.telemetry import Metrics
 
 
@@ -212,6 +213,21 @@ async def upstream() -> AsyncIterator[Upstream]:
     await runner.cleanup()
 
 
+@pytest.fixture
+async def demo_upstream() -> AsyncIterator[str]:
+    """The demo LLM service (``sidecar/demo/upstream.py``: Letta, OpenAI Chat and Responses,
+    Anthropic, generic) on a free port; its base URL."""
+    runner = web.AppRunner(create_upstream_app(), shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
 # -- the sidecar ----------------------------------------------------------------------------
 
 
@@ -226,8 +242,14 @@ class Sidecar:
     admin_runner: web.AppRunner
 
     def metric(self, name: str, **labels: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        """The sum of the samples called ``name`` whose labels include ``labels`` (so a test
+        that does not name a label, e.g. ``dialect``, counts every value of it)."""
+        return sum(
+            sample.value
+            for family in self.metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     async def flushed(self, timeout: float = 5.0) -> None:
         """Wait until every run has ended and the writer has put everything into Redis."""

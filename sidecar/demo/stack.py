@@ -7,10 +7,12 @@ It starts three child processes::
     sse-sidecar serve       --port <port>             the sidecar, proxying to the demo upstream
                             --admin-port <admin_port>
 
-then sends three streams through the sidecar (scenarios ``normal``, ``error_then_done`` and
-``dies``), reads back what the sidecar stored in Redis for each run, prints a summary and checks
-that every run ended the way DESIGN.md says it must. Without ``--once`` it then prints commands to
-try by hand and keeps the stack running until Ctrl-C or SIGTERM. The children are always stopped
+then sends streams through the sidecar, one run per dialect (three for Letta: ``normal``,
+``error_then_done`` and ``dies``; OpenAI Chat Completions dying mid-stream, an OpenAI Responses
+run, an Anthropic message that fails, a generic event stream), reads back what the sidecar stored
+in Redis for each run, prints a summary and checks that every run ended the way DESIGN.md says.
+Without ``--once`` it then prints commands to try by hand and keeps the stack running until Ctrl-C
+or SIGTERM. The children are always stopped
 on the way out, in reverse order: sidecar first (it drains into Redis), Redis last.
 """
 
@@ -42,6 +44,7 @@ REDIS_MISSING = (
 )
 HOST = "127.0.0.1"
 AGENT_ROUTE = "/v1/agents/agent-demo/messages/stream"
+DEMO_ID = "quickstart"  # X-Demo-Id: the demo upstream's ids derive from it (resp_quickstart, ...)
 RUN_ID_HEADER = "X-Sidecar-Run-Id"
 STARTUP_TIMEOUT = 30.0  # seconds a child gets to become ready
 SETTLE_TIMEOUT = 5.0  # seconds the writer gets to commit a finished run's meta
@@ -51,37 +54,66 @@ KEYS = Keys()
 
 @dataclass(frozen=True, slots=True)
 class Expected:
+    dialect: str
+    method: str
+    path: str
+    scenario: str
     status: str
     stop_reason: str
     forced_done: str | None
+    # How the client's last event looks: (its event name, its data), None where either may be
+    # anything; None for a run whose end has no bytes (generic).
+    last: tuple[str | None, str | None] | None
     story: str
 
 
-# The three demo streams, what each must end as, and why (DESIGN.md, "The run and its terminal").
+# The demo runs, what each must end as, and why (DESIGN.md, "The run and its terminal" and
+# "Dialects"). Each run's name is <dialect>:<scenario>.
 EXPECTED: dict[str, Expected] = {
-    "normal": Expected(
-        "completed",
-        "end_turn",
-        None,
+    "letta:normal": Expected(
+        "letta", "POST", AGENT_ROUTE, "normal", "completed", "end_turn", None, (None, DONE_DATA),
         "stop_reason end_turn, then the upstream's own [DONE]: completed, nothing forced.",
     ),
-    "error_then_done": Expected(
-        "failed",
-        "llm_api_error",
-        None,
+    "letta:error_then_done": Expected(
+        "letta", "POST", AGENT_ROUTE, "error_then_done", "failed", "llm_api_error", None,
+        (None, DONE_DATA),
         "stop_reason llm_api_error, event: error, then the upstream's own [DONE]. The tee keeps "
         "reading after the error event, so the run ends naturally: failed, no forced [DONE], "
         "no warning, no forced_done_total increment.",
     ),
-    "dies": Expected(
-        "failed",
-        "error",
-        "stream_incomplete",
+    "letta:dies": Expected(
+        "letta", "POST", AGENT_ROUTE, "dies", "failed", "error", "stream_incomplete",
+        (None, DONE_DATA),
         "the upstream closed the stream with no terminal at all. The sidecar appended "
         "stop_reason error, an error event (error_type stream_incomplete) and [DONE], sent them "
         "to the client too, and counted forced_done_total{reason=stream_incomplete}.",
     ),
-}
+    "openai-chat:dies": Expected(
+        "openai-chat", "POST", "/v1/chat/completions", "dies", "failed", "-",
+        "stream_incomplete", (None, DONE_DATA),
+        "Chat Completions chunks, then the upstream closed without finish_reason or [DONE]. The "
+        'sidecar appended what an OpenAI client expects of a failed stream: an {"error": {"type":'
+        ' "stream_incomplete", ...}} chunk (the openai SDK raises APIError on it) and [DONE].',
+    ),
+    "openai-responses:normal": Expected(
+        "openai-responses", "POST", "/v1/responses", "normal", "completed", "completed", None,
+        ("response.completed", None),
+        "response.created ... response.output_text.delta ... response.completed: the Responses "
+        "stream's own end (it has no [DONE]), so nothing is appended. Found by its id too: "
+        f"GET /v1/responses/resp_{DEMO_ID}?stream=true&starting_after=N replays it from Redis.",
+    ),
+    "anthropic:error_then_done": Expected(
+        "anthropic", "POST", "/v1/messages", "error_then_done", "failed", "-", None,
+        ("error", None),
+        "message_start, content deltas, then event: error (overloaded_error): a failed Anthropic "
+        "message ends there, so this is a natural end: failed, its error stored, nothing forced.",
+    ),
+    "generic:normal": Expected(
+        "generic", "GET", "/v1/events", "normal", "completed", "-", None, None,
+        "plain text events, then a clean close: how a stream of unknown vocabulary ends. Nothing "
+        "is appended; Redis keeps one more entry, the run's end, without bytes.",
+    ),
+}  # fmt: skip
 
 
 class QuickstartError(Exception):
@@ -248,7 +280,7 @@ async def _tour(args: argparse.Namespace, stack: Stack) -> int:
     try:
         async with aiohttp.ClientSession() as http:
             await _start(stack, ports, http, redis)
-            reports = [await _drive(http, redis, ports, scenario) for scenario in EXPECTED]
+            reports = [await _drive(http, redis, ports, name) for name in EXPECTED]
             for report in reports:
                 await _replay(http, ports, report)
             ok = _print_summary(reports, await _scrape_metrics(http, ports))
@@ -375,14 +407,22 @@ async def _until_ready(child: Child, what: str, probe: Probe) -> None:
 
 
 async def _drive(
-    http: aiohttp.ClientSession, redis: RunStore, ports: Ports, scenario: str
+    http: aiohttp.ClientSession, redis: RunStore, ports: Ports, name: str
 ) -> RunReport:
     """One stream through the sidecar, read to the end; then what Redis holds for it."""
-    report = RunReport(scenario)
-    url = f"http://{HOST}:{ports.sidecar}{AGENT_ROUTE}"
+    report = RunReport(name)
+    run = EXPECTED[name]
+    url = f"http://{HOST}:{ports.sidecar}{run.path}"
+    body = {"scenario": run.scenario, "model": "demo-llm-1", "stream": True}
     last: Event | None = None
     try:
-        async with http.post(url, json={"scenario": scenario}) as resp:
+        async with http.request(
+            run.method,
+            url,
+            json=body if run.method == "POST" else None,
+            params={"scenario": run.scenario},
+            headers={"X-Demo-Id": DEMO_ID},
+        ) as resp:
             if resp.status != 200:
                 report.problems.append(f"HTTP {resp.status}: {(await resp.text())[:300]}")
                 return report
@@ -408,6 +448,8 @@ async def _drive(
     report.run_id = run_id
     report.meta = await _settled_meta(redis, run_id)
     report.stored = await redis.length(run_id)
+    if report.meta is not None and report.meta.silent_end:
+        report.stored -= 1  # the run's end, stored without bytes, is not an event
     _check(report, last)
     return report
 
@@ -452,9 +494,11 @@ def _check(report: RunReport, last: Event | None) -> None:
     if meta is None:
         problems.append(f"no meta hash {KEYS.meta(RunId(report.run_id))} in Redis")
         return
+    if meta.dialect != expected.dialect:
+        problems.append(f"dialect is {meta.dialect!r}, expected {expected.dialect!r}")
     if meta.status != expected.status:
         problems.append(f"status is {meta.status!r}, expected {expected.status!r}")
-    if meta.stop_reason != expected.stop_reason:
+    if (meta.stop_reason or "-") != expected.stop_reason:
         problems.append(f"stop_reason is {meta.stop_reason!r}, expected {expected.stop_reason!r}")
     if meta.forced_done != expected.forced_done:
         want = expected.forced_done or "none"
@@ -464,11 +508,13 @@ def _check(report: RunReport, last: Event | None) -> None:
             f"the client got {report.client_events} events but Redis stores {report.stored} "
             "(a replay must return exactly what the live client got)"
         )
-    if meta.last_seq != report.stored:
+    if meta.last_event_seq != report.stored:
         problems.append(f"meta last_seq is {meta.last_seq}, the stream holds {report.stored}")
-    if last is None or last.data != DONE_DATA:
-        got = "nothing" if last is None else repr(last.data)[:80]
-        problems.append(f"the client's last event is {got}, expected [DONE]")
+    if expected.last is not None:
+        event, data = expected.last
+        if last is None or last.event != event or (data is not None and last.data != data):
+            got = "nothing" if last is None else f"event {last.event!r} {last.data!r}"[:100]
+            problems.append(f"the client's last event is {got}, expected {event!r} {data!r}")
 
 
 async def _scrape_metrics(http: aiohttp.ClientSession, ports: Ports) -> list[str]:
@@ -482,9 +528,9 @@ async def _scrape_metrics(http: aiohttp.ClientSession, ports: Ports) -> list[str
 
 
 def _print_summary(reports: list[RunReport], metric_lines: list[str]) -> bool:
-    print(f"\nThree streams through the sidecar: POST {AGENT_ROUTE} with each scenario\n")
+    print("\nOne run per dialect through the sidecar (dialect: auto), named <dialect>:<scenario>\n")
     header = (
-        "scenario", "run id", "client", "stored", "status", "stop_reason", "forced_done",
+        "run", "run id", "client", "stored", "status", "stop_reason", "forced_done",
         "redis key",
     )  # fmt: skip
     rows = [header]
@@ -506,19 +552,19 @@ def _print_summary(reports: list[RunReport], metric_lines: list[str]) -> bool:
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print(
-        "\n  client = events the client received live; stored = XLEN of the run's Redis stream."
-        "\n  They must be equal: a replay returns exactly what the live client got, synthesized"
-        "\n  terminal events included.\n"
+        "\n  client = events the client received live; stored = events in the run's Redis stream"
+        "\n  (XLEN, minus a generic run's end without bytes). They must be equal: a replay"
+        "\n  returns exactly what the live client got, synthesized terminal events included.\n"
     )
     print("What happened:")
     for r in reports:
-        story = textwrap.wrap(EXPECTED[r.scenario].story, 80)
-        print(f"  {r.scenario:<17}" + "\n  {:<17}".format("").join(story))
+        story = textwrap.wrap(EXPECTED[r.scenario].story, 72)
+        print(f"  {r.scenario}\n    " + "\n    ".join(story))
     print("\nReplay (GET /sidecar/v1/runs/{run_id}/stream?starting_after=N, as after a dropped")
     print("connection): each run resumed 3 events before its end:")
     for r in reports:
         same = "identical to the live events" if not r.problems else "see below"
-        print(f"  {r.scenario:<17}from seq {r.replay_from}: {r.replayed} events, {same}")
+        print(f"  {r.scenario:<26}from seq {r.replay_from}: {r.replayed} events, {same}")
     print("\nMetrics (admin port, /metrics):")
     for line in metric_lines or ["(none)"]:
         print(f"  {line}")
@@ -537,7 +583,7 @@ def _print_summary(reports: list[RunReport], metric_lines: list[str]) -> bool:
 
 def _print_try_it(ports: Ports, reports: list[RunReport]) -> None:
     by_scenario = {r.scenario: r for r in reports}
-    failed = by_scenario["dies"].run_id
+    failed = by_scenario["letta:dies"].run_id
     proxy = f"http://{HOST}:{ports.sidecar}"
     stream = f"curl -N -X POST {proxy}{AGENT_ROUTE} -H 'Content-Type: application/json'"
     print(
@@ -550,6 +596,21 @@ Try it yourself (the stack keeps running; Ctrl-C stops it):
 
   # the same with the response headers: X-Sidecar-Run-Id is the run id
   curl -i {stream[5:]} -d '{{"scenario":"dies"}}'
+
+  # the other protocols the demo speaks (dialect auto detects each); scenarios: normal,
+  # error_then_done, dies, reset (and error_no_done, stop_no_done where the protocol has them)
+  curl -N {proxy}/v1/chat/completions -H 'Content-Type: application/json' \
+    -d '{{"model":"demo-llm-1","stream":true,"messages":[],"scenario":"dies"}}'
+  curl -N {proxy}/v1/messages -H 'Content-Type: application/json' \
+    -d '{{"model":"demo-llm-1","max_tokens":64,"messages":[],"scenario":"normal"}}'
+  curl -N '{proxy}/v1/events?scenario=reset'
+
+  # an OpenAI Responses stream, then its resume by response id and sequence_number (served
+  # from Redis: the sidecar holds the run); the run's status by the response id too
+  curl -N {proxy}/v1/responses -H 'X-Demo-Id: mine' -H 'Content-Type: application/json' \
+    -d '{{"model":"demo-llm-1","input":"hi","stream":true}}'
+  curl -N '{proxy}/v1/responses/resp_mine?stream=true&starting_after=12'
+  curl {proxy}/sidecar/v1/runs/resp_{DEMO_ID}
 
   # non-SSE traffic passes through untouched
   curl -X POST '{proxy}/v1/echo?hello=world' -H 'Content-Type: application/json' -d '{{"hi":1}}'

@@ -1,18 +1,23 @@
-"""A demo LLM service that streams like Letta does, including the ways real streams end badly.
+"""A demo LLM service that streams like Letta, OpenAI and Anthropic do, including the ways real
+streams end badly (``sidecar/demo/protocols.py`` has the event sequences).
 
-``POST /v1/agents/{agent_id}/messages/stream`` (Letta's streaming route) and ``GET /v1/stream``
-(handy for curl) answer with ``text/event-stream``::
+| route | protocol |
+|---|---|
+| ``POST /v1/agents/{agent_id}/messages/stream``, ``POST /v1/agents/{agent_id}/messages``,
+  ``GET /v1/stream`` | Letta (always streamed) |
+| ``POST /v1/chat/completions`` | OpenAI Chat Completions |
+| ``POST /v1/responses`` | OpenAI Responses |
+| ``GET /v1/responses/{id}?stream=true&starting_after=N`` | OpenAI Responses resume |
+| ``POST /v1/messages`` | Anthropic Messages |
+| ``GET /v1/events`` | a generic event stream (plain text events) |
 
-    : ping
-    data: {"id": "message-...", "message_type": "reasoning_message", ...}
-    data: {"id": "message-...", "message_type": "assistant_message", "content": "The ", ...}
-    ...                                  (``tokens`` chunks, ``delay_ms`` apart)
-    <the ending of the chosen scenario>
-
-The scenario comes from the JSON body field ``scenario`` or the query ``?scenario=`` (the query
-wins); ``tokens`` and ``delay_ms`` are read the same way. Payloads carry ``"seq_id": null`` and
+Each answers with ``text/event-stream``, ``tokens`` chunks ``delay_ms`` apart, and the ending of
+the chosen scenario. The scenario comes from the JSON body field ``scenario`` or the query
+``?scenario=`` (the query wins); ``tokens`` and ``delay_ms`` are read the same way, so an SDK
+passes them with ``extra_body`` or ``extra_query``. Letta payloads carry ``"seq_id": null`` and
 ``"run_id": null`` on purpose: filling them is the sidecar's job. When the body has ``run_id``, it
-comes back as the ``X-Run-Id`` response header (the sidecar then uses it as the run id).
+comes back as the ``X-Run-Id`` response header (the sidecar then uses it as the run id). A request
+header ``X-Demo-Id: <id>`` makes the stream reproducible (ids from it, fixed timestamps).
 
 Other routes: ``GET /v1/health``, ``POST /v1/echo`` (a JSON echo of the request, to show that
 non-SSE traffic passes through the sidecar untouched) and ``GET /v1/agents``.
@@ -23,35 +28,35 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections import OrderedDict
 from typing import Any
 
 from aiohttp import web
+
+from sidecar.demo.protocols import (
+    ANTHROPIC,
+    GENERIC,
+    LETTA,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+    Protocol,
+    StreamRequest,
+)
 
 DEFAULT_TOKENS = 12
 DEFAULT_DELAY_MS = 20
 MAX_TOKENS = 10_000
 MAX_DELAY_MS = 60_000
+# Responses kept for the resume route, newest last.
+MAX_KEPT_RESPONSES = 64
 
-# How each scenario ends, after the ping, the reasoning message and the token chunks.
-ENDINGS: dict[str, str] = {
-    "normal": "stop_reason end_turn, usage_statistics, [DONE]",
-    "error_then_done": "stop_reason llm_api_error, event: error, [DONE] (a well-behaved error)",
-    "dies": "nothing: the response ends cleanly without any terminal",
-    "error_no_done": "stop_reason error, event: error, clean end without [DONE]",
-    "stop_no_done": "stop_reason end_turn, clean end without [DONE]",
-    "reset": "nothing: the TCP connection is cut mid-stream",
-}
+# The Letta scenarios (the other protocols' are in their Protocol.endings).
+ENDINGS = LETTA.endings
 SCENARIOS = tuple(ENDINGS)
-
-_ANSWER = (
-    "Server-sent events carry an answer to the client one token at a time, and a sidecar "
-    "next to the service keeps a copy of every event so nothing is lost when the client drops."
-)
-_WORDS = _ANSWER.split()
+# route name -> the protocol it streams
+PROTOCOLS: web.AppKey[dict[str, Protocol]] = web.AppKey("protocols")
+# response id -> its events, for the resume route
+KEPT: web.AppKey[OrderedDict[str, list[bytes]]] = web.AppKey("kept_responses")
 
 
 class BadRequest(Exception):
@@ -60,14 +65,6 @@ class BadRequest(Exception):
         self.type = type_
         self.message = message
         self.extra = extra
-
-
-@dataclass(frozen=True, slots=True)
-class StreamRequest:
-    scenario: str
-    tokens: int
-    delay_ms: int
-    run_id: str | None
 
 
 def _error(status: int, type_: str, message: str, **extra: Any) -> web.Response:
@@ -88,7 +85,7 @@ def _int_param(name: str, raw: Any, default: int, maximum: int) -> int:
     return value
 
 
-async def _parse_stream_request(request: web.Request) -> StreamRequest:
+async def _parse_stream_request(request: web.Request, protocol: Protocol) -> StreamRequest:
     body: dict[str, Any] = {}
     if request.can_read_body:
         raw = await request.read()
@@ -106,99 +103,34 @@ async def _parse_stream_request(request: web.Request) -> StreamRequest:
         return request.query.get(name, body.get(name))
 
     scenario = param("scenario") or "normal"
-    if scenario not in ENDINGS:
+    if scenario not in protocol.endings:
+        valid = tuple(protocol.endings)
         raise BadRequest(
             "bad_scenario",
-            f"unknown scenario {scenario!r}; valid scenarios: {', '.join(SCENARIOS)}",
-            scenarios=list(SCENARIOS),
+            f"unknown {protocol.name} scenario {scenario!r}; valid scenarios: {', '.join(valid)}",
+            scenarios=list(valid),
         )
     run_id = body.get("run_id")
     if run_id is not None and not isinstance(run_id, str):
         raise BadRequest("bad_request", f"run_id must be a string, got {run_id!r}")
+    options = body.get("stream_options")
+    extra: dict[str, Any] = {}
+    if (demo_id := request.headers.get("X-Demo-Id")) is not None:
+        extra = {"ident": demo_id, "fixed": True}
     return StreamRequest(
         scenario=scenario,
         tokens=_int_param("tokens", param("tokens"), DEFAULT_TOKENS, MAX_TOKENS),
         delay_ms=_int_param("delay_ms", param("delay_ms"), DEFAULT_DELAY_MS, MAX_DELAY_MS),
         run_id=run_id,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        **extra,
     )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def _data(payload: dict[str, Any] | str) -> bytes:
-    text = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {text}\n\n".encode()
-
-
-def _message(message_id: str, message_type: str, **fields: Any) -> bytes:
-    payload = {"id": message_id, "date": _now(), "message_type": message_type, **fields}
-    # Null on purpose: the sidecar fills seq_id and run_id (letta dialect).
-    payload.update(seq_id=None, run_id=None)
-    return _data(payload)
-
-
-def _stop_reason(reason: str) -> bytes:
-    return _data({"message_type": "stop_reason", "stop_reason": reason})
-
-
-def _error_event(message: str, detail: str) -> bytes:
-    payload = {
-        "message_type": "error_message",
-        "error_type": "llm_error",
-        "message": message,
-        "detail": detail,
-    }
-    return b"event: error\n" + _data(payload)
-
-
-def _usage(tokens: int) -> bytes:
-    return _data(
-        {
-            "message_type": "usage_statistics",
-            "completion_tokens": tokens,
-            "prompt_tokens": 42,
-            "total_tokens": tokens + 42,
-            "step_count": 1,
-        }
-    )
-
-
-DONE = _data("[DONE]")
-
-
-def _chunks(req: StreamRequest) -> Iterator[bytes]:
-    """The response body, one SSE item per chunk, made as it is sent (so dates are real)."""
-    yield b": ping\n\n"
-    yield _message(
-        f"message-{uuid.uuid4()}",
-        "reasoning_message",
-        source="reasoner_model",
-        reasoning=f"The user asked for the {req.scenario!r} demo; I will answer briefly.",
-    )
-    answer_id = f"message-{uuid.uuid4()}"  # every chunk of one message shares its id
-    for i in range(req.tokens):
-        yield _message(answer_id, "assistant_message", content=_WORDS[i % len(_WORDS)] + " ")
-    if req.scenario == "normal":
-        yield _stop_reason("end_turn")
-        yield _usage(req.tokens)
-        yield DONE
-    elif req.scenario == "error_then_done":
-        yield _stop_reason("llm_api_error")
-        yield _error_event("The model provider failed", "the provider answered HTTP 529")
-        yield DONE
-    elif req.scenario == "error_no_done":
-        yield _stop_reason("error")
-        yield _error_event("The agent step failed", "the service crashed before [DONE]")
-    elif req.scenario == "stop_no_done":
-        yield _stop_reason("end_turn")
-    # "dies" and "reset" have no terminal at all.
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
+    protocol = request.app[PROTOCOLS][request.match_info.route.name or ""]
     try:
-        req = await _parse_stream_request(request)
+        req = await _parse_stream_request(request, protocol)
     except BadRequest as exc:
         return _error(400, exc.type, exc.message, **exc.extra)
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -206,10 +138,15 @@ async def stream(request: web.Request) -> web.StreamResponse:
         headers["X-Run-Id"] = req.run_id
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
+    kept: list[bytes] | None = None
+    if protocol is OPENAI_RESPONSES:
+        kept = _keep(request.app, f"resp_{req.ident}")
     try:
-        for i, chunk in enumerate(_chunks(req)):
+        for i, chunk in enumerate(protocol.chunks(req)):
             if i and req.delay_ms:
                 await asyncio.sleep(req.delay_ms / 1000)
+            if kept is not None:
+                kept.append(chunk)
             await resp.write(chunk)
         if req.scenario == "reset":
             # Cut the connection without finishing the chunked body: the client sees a broken
@@ -217,11 +154,43 @@ async def stream(request: web.Request) -> web.StreamResponse:
             if request.transport is not None:
                 request.transport.abort()
             return resp
-        # A clean end of the body: after [DONE], or without any terminal ("dies", "*_no_done").
+        # A clean end of the body: after the terminal, or without any ("dies", "*_no_done").
         await resp.write_eof()
     except ConnectionResetError:
-        # The client (or the sidecar, once it has read [DONE]) closed the connection first.
+        # The client (or the sidecar, once it has read the terminal) closed the connection first.
         pass
+    return resp
+
+
+def _keep(app: web.Application, response_id: str) -> list[bytes]:
+    """The list a Responses stream's events are kept in, for the resume route (bounded)."""
+    kept = app[KEPT]
+    events: list[bytes] = []
+    kept[response_id] = events
+    while len(kept) > MAX_KEPT_RESPONSES:
+        kept.popitem(last=False)
+    return events
+
+
+async def resume_response(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/responses/{id}?stream=true&starting_after=N``: a kept stream's events with a
+    ``sequence_number`` above N, as OpenAI serves a background response's stream again."""
+    if request.query.get("stream", "").lower() != "true":
+        return _error(400, "bad_request", "this demo only serves ?stream=true")
+    events = request.app[KEPT].get(request.match_info["response_id"])
+    if events is None:
+        return _error(404, "not_found", "no such response")
+    try:
+        after = int(request.query.get("starting_after", "-1"))
+    except ValueError:
+        return _error(400, "bad_request", "starting_after must be an integer")
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for chunk in list(events):
+        payload = json.loads(chunk.split(b"data: ", 1)[1])
+        if payload["sequence_number"] > after:
+            await resp.write(chunk)
+    await resp.write_eof()
     return resp
 
 
@@ -253,8 +222,20 @@ async def agents(request: web.Request) -> web.Response:
 
 def create_upstream_app() -> web.Application:
     app = web.Application()
-    app.router.add_post("/v1/agents/{agent_id}/messages/stream", stream)
-    app.router.add_get("/v1/stream", stream)
+    app[KEPT] = OrderedDict()
+    app[PROTOCOLS] = {}
+    for name, method, path, protocol in (
+        ("letta", "POST", "/v1/agents/{agent_id}/messages/stream", LETTA),
+        ("letta_create", "POST", "/v1/agents/{agent_id}/messages", LETTA),
+        ("letta_get", "GET", "/v1/stream", LETTA),
+        ("chat", "POST", "/v1/chat/completions", OPENAI_CHAT),
+        ("responses", "POST", "/v1/responses", OPENAI_RESPONSES),
+        ("messages", "POST", "/v1/messages", ANTHROPIC),
+        ("events", "GET", "/v1/events", GENERIC),
+    ):
+        app[PROTOCOLS][name] = protocol
+        app.router.add_route(method, path, stream, name=name)
+    app.router.add_get("/v1/responses/{response_id}", resume_response)
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/echo", echo)
     app.router.add_get("/v1/agents", agents)

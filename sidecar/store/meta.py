@@ -33,6 +33,12 @@ TRIMMED_EVENTS = "trimmed_events"
 LOST_RANGES = "lost_ranges"  # "a-b,c-d": seqs the writer could not store (overflow)
 LOST_EVENTS = "lost_events"  # how many seqs those ranges hold
 HISTORY_LOST_THROUGH = "history_lost_through"  # Redis lost every event up to this seq
+# The dialect's (sidecar/dialects/): what a process needs to end the run in its protocol when
+# its producer is gone.
+DIALECT = "dialect"
+PROTOCOL_ID = "protocol_id"
+DIALECT_STATE = "dialect_state"  # JSON
+SILENT_END = "silent_end"  # "true": the last entry has no bytes (a generic stream's end)
 
 # ``incomplete`` values: why a replay of the run cannot return every event.
 OVERFLOW = "overflow"
@@ -54,7 +60,11 @@ def final_meta(outcome: Outcome) -> dict[str, str]:
         FINISHED_MS: str(now_ms()),
         FORCED_DONE: outcome.forced_done.value if outcome.forced_done else "",
         STOP_REASON: outcome.stop_reason or "",
+        DIALECT: outcome.dialect.value,
     }
+    if outcome.silent_end:
+        # The last entry has no bytes: the client's last event is the one before it.
+        meta[SILENT_END] = "true"
     if outcome.error is not None:
         meta[ERROR] = orjson.dumps(outcome.error).decode()
     return meta
@@ -96,11 +106,19 @@ class RunMeta:
     trimmed_events: int
     lost_ranges: tuple[tuple[int, int], ...] = ()
     history_lost_through: int = 0
-    fields: dict[str, str] | None = None  # every field as stored (dialect-specific ones too)
+    dialect: str | None = None
+    protocol_id: str | None = None
+    dialect_state: str | None = None  # JSON: what the dialect needs to end the run elsewhere
+    silent_end: bool = False
 
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+    @property
+    def last_event_seq(self) -> int:
+        """The seq of the last event a client received (the last entry may have no bytes)."""
+        return self.last_seq - 1 if self.silent_end else self.last_seq
 
     def lost_range_at(self, seq: int) -> tuple[int, int] | None:
         """The range of seqs the writer could not store that holds ``seq``, if any."""
@@ -139,5 +157,8 @@ class RunMeta:
             trimmed_events=num(TRIMMED_EVENTS) or 0,
             lost_ranges=parse_ranges(h.get(LOST_RANGES)),
             history_lost_through=num(HISTORY_LOST_THROUGH) or 0,
-            fields=h,
+            dialect=h.get(DIALECT) or None,
+            protocol_id=h.get(PROTOCOL_ID) or None,
+            dialect_state=h.get(DIALECT_STATE) or None,
+            silent_end=h.get(SILENT_END) == "true",
         )

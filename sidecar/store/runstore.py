@@ -25,8 +25,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.backoff import EqualJitterBackoff
 
-from sidecar.errors import StoreError, StoreUnavailable
-from sidecar.keys import Keys, RunId
+from sidecar.errors import InvalidRunId, StoreError, StoreUnavailable
+from sidecar.keys import Keys, RunId, validate_run_id
 from sidecar.store.meta import RunMeta
 
 log = logging.getLogger(__name__)
@@ -284,12 +284,14 @@ class RunStore:
         maxlen: int,
         leases: Mapping[RunId, int] | None = None,
         ended: Iterable[RunId] = (),
+        aliases: Mapping[RunId, RunId] | None = None,
     ) -> list[AppendResult]:
-        """One round trip: every op's script call, and the lease index's updates.
+        """One round trip: every op's script call, the lease index's updates and new aliases.
 
         ``leases`` adds runs to the lease index with their deadline (ms); ``ended`` removes
-        finished runs from it. Raises ``StoreUnavailable`` when the round trip failed as a whole
-        (then nothing or some ops ran: every op is idempotent, so retry them all).
+        finished runs from it; ``aliases`` maps protocol ids to run ids (with the stream TTL).
+        Raises ``StoreUnavailable`` when the round trip failed as a whole (then nothing or some
+        ops ran: every op is idempotent, so retry them all).
         """
         lease_ms, ttl_ms, cap = str(lease_ttl_ms), str(stream_ttl_ms), str(maxlen)
         keys = self.keys
@@ -328,6 +330,8 @@ class RunStore:
                 done = list(ended)
                 if done:
                     pipe.zrem(keys.lease_index, *done)
+                for protocol_id, run_id in (aliases or {}).items():
+                    pipe.set(keys.alias(protocol_id), run_id, px=stream_ttl_ms)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except _FOREIGN as exc:
             raise self._fail("flush", exc) from exc
@@ -358,7 +362,7 @@ class RunStore:
                     results.append(AppendResult(_APPEND_CODES[code], detail=text(reply[1])))
         for reply in replies[len(ops) :]:
             if isinstance(reply, Exception):
-                log.warning("lease index update failed: %s", reply)
+                log.warning("lease index or alias update failed: %s", reply)
         if noscript:
             # Redis restarted (or SCRIPT FLUSH): load the script; the caller sends those again.
             await self._load(APPEND_SCRIPT)
@@ -442,6 +446,20 @@ class RunStore:
             raise self._fail("read", exc) from exc
         self.health.ok()
         return int(n)
+
+    async def resolve_alias(self, protocol_id: RunId) -> RunId | None:
+        """The run whose protocol named it ``protocol_id``, if one did (and is retained)."""
+        try:
+            raw = await self._redis.get(self.keys.alias(protocol_id))
+        except _FOREIGN as exc:
+            raise self._fail("alias", exc) from exc
+        self.health.ok()
+        if raw is None:
+            return None
+        try:
+            return validate_run_id(text(raw))
+        except InvalidRunId:
+            return None
 
     async def existing(self, run_ids: Sequence[RunId]) -> set[RunId]:
         """Which of these runs Redis still holds (one pipelined round trip)."""

@@ -232,3 +232,38 @@ async def write_run(
         )
     values = {"last_seq": str(len(events)), **fields}
     await client.hset(keys.meta(run_id), mapping=values)  # type: ignore[arg-type]
+
+
+# -- appended (dialect / SDK tests): one stored run, checked against the dialect's promises --
+
+
+@dataclass
+class StoredRun:
+    meta: dict[str, str]
+    rows: list[dict[str, str]]
+
+    @property
+    def events(self) -> list[Event]:
+        """The stored events, in order (an entry without bytes has none)."""
+        out: list[Event] = []
+        for row in self.rows:
+            out.extend(i for i in SSEDecoder().feed(row["data"].encode()) if isinstance(i, Event))
+        return out
+
+
+async def stored_run(sc: Any, client: redis.asyncio.Redis, run_id: RunId) -> StoredRun:
+    """The run once it has ended and the writer has stored everything; its rows are numbered
+    1..n without gaps, and exactly the last one is marked complete."""
+    await sc.flushed()
+    rows = await stored(client, run_id)
+    n = len(rows)
+    assert [r["seq_id"] for r in rows] == [str(i) for i in range(1, n + 1)]
+    assert [r["complete"] for r in rows] == ["false"] * (n - 1) + ["true"]
+    m = await meta(client, run_id)
+    assert m["last_seq"] == str(n)
+    return StoredRun(m, rows)
+
+
+def forced_total(sc: Any) -> float:
+    """Every forced terminal this sidecar counted, whatever its reason and dialect."""
+    return float(sc.metric("sse_sidecar_forced_done_total"))

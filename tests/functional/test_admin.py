@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.exposition import (
 
 from sidecar import __version__
 from sidecar.app import STATE
-from sidecar.terminal import ForcedDone, Transition
+from sidecar.terminal import Dialect, ForcedDone, Transition
 from tests.conftest import RESET, Gate, RedisServer, Sidecar, SidecarFactory, Upstream, free_port
 from tests.functional.helpers import (
     DONE,
@@ -270,18 +270,20 @@ async def test_one_stream_per_terminal_row_gives_exact_counters(
     await sc.flushed()
     registry = sc.metrics.registry
     # Every known label value exists from the start (at 0); these five runs moved exactly these.
+    L = ("dialect", "letta")
+    dialects = [d.value for d in Dialect]
     assert samples(registry, "sse_sidecar_forced_done_total") == {
-        (("reason", reason.value),): 0.0 for reason in ForcedDone
+        (("dialect", d), ("reason", reason.value)): 0.0 for d in dialects for reason in ForcedDone
     } | {
-        (("reason", "missing_done"),): 1.0,
-        (("reason", "missing_done_after_error"),): 1.0,
-        (("reason", "stream_incomplete"),): 1.0,
-        (("reason", "upstream_error"),): 1.0,
+        (L, ("reason", "missing_done")): 1.0,
+        (L, ("reason", "missing_done_after_error")): 1.0,
+        (L, ("reason", "stream_incomplete")): 1.0,
+        (L, ("reason", "upstream_error")): 1.0,
     }
     assert nonzero(samples(registry, "sse_sidecar_runs_finished_total")) == {
-        (("status", "completed"), ("stop_reason", "end_turn")): 2.0,
-        (("status", "failed"), ("stop_reason", "none")): 1.0,
-        (("status", "failed"), ("stop_reason", "error")): 2.0,
+        (L, ("status", "completed"), ("stop_reason", "end_turn")): 2.0,
+        (L, ("status", "failed"), ("stop_reason", "none")): 1.0,
+        (L, ("status", "failed"), ("stop_reason", "error")): 2.0,
     }
     assert samples(registry, "sse_sidecar_stream_transitions_total") == {
         (("transition", "saw_stop_reason"),): 2.0,
@@ -289,7 +291,10 @@ async def test_one_stream_per_terminal_row_gives_exact_counters(
         (("transition", "saw_done"),): 1.0,
         (("transition", "saw_done_after_error"),): 0.0,
     }
-    assert samples(registry, "sse_sidecar_runs_started_total") == {(("route", "proxy"),): 5.0}
+    # Started and finished pair per dialect: the forced ratio of each dialect is right.
+    assert samples(registry, "sse_sidecar_runs_started_total") == {
+        (("dialect", d), ("route", "proxy")): 5.0 if d == "letta" else 0.0 for d in dialects
+    }
     assert sc.metric("sse_sidecar_runs_active") == 0
     assert sc.metric("sse_sidecar_run_duration_seconds_count", status="completed") == 2
     assert sc.metric("sse_sidecar_run_duration_seconds_count", status="failed") == 3

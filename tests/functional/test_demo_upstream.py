@@ -8,9 +8,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from sidecar.demo.upstream import SCENARIOS, create_upstream_app
+from sidecar.demo.upstream import SCENARIOS
 from sidecar.sse import Comment, Event, Item, SSEDecoder
 
 STREAM = "/v1/agents/agent-demo/messages/stream"
@@ -27,16 +26,8 @@ ENDINGS: dict[str, list[str]] = {
 
 
 @pytest.fixture
-async def base_url() -> AsyncIterator[str]:
-    runner = web.AppRunner(create_upstream_app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+def base_url(demo_upstream: str) -> str:
+    return demo_upstream
 
 
 @pytest.fixture

@@ -227,6 +227,7 @@ async def test_spans_of_a_run_and_its_replay_reach_an_otlp_http_receiver(
     ]
     assert runs[0].attributes == {
         "sse.run_id": run_id,
+        "sse.dialect": "letta",
         "sse.status": "completed",
         "sse.stop_reason": "end_turn",
         "sse.events": 3,

@@ -15,11 +15,15 @@ pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server on PATH"
 )
 
-# scenario -> (status, stop_reason, forced_done as the summary prints it)
+# run (<dialect>:<scenario>) -> (status, stop_reason, forced_done as the summary prints it)
 EXPECTED = {
-    "normal": ("completed", "end_turn", "-"),
-    "error_then_done": ("failed", "llm_api_error", "-"),
-    "dies": ("failed", "error", "stream_incomplete"),
+    "letta:normal": ("completed", "end_turn", "-"),
+    "letta:error_then_done": ("failed", "llm_api_error", "-"),
+    "letta:dies": ("failed", "error", "stream_incomplete"),
+    "openai-chat:dies": ("failed", "-", "stream_incomplete"),
+    "openai-responses:normal": ("completed", "completed", "-"),
+    "anthropic:error_then_done": ("failed", "-", "-"),
+    "generic:normal": ("completed", "-", "-"),
 }
 
 
@@ -64,8 +68,13 @@ def test_quickstart_once(tmp_path: Path) -> None:
         assert run_id.startswith("run-"), output
         assert key == f"sse:run:{{{run_id}}}", output
         assert int(client) == int(stored) > 0, output
-    assert 'sse_sidecar_forced_done_total{reason="stream_incomplete"} 1.0' in proc.stdout
-    assert 'sse_sidecar_stream_transitions_total{transition="saw_done_after_error"} 1.0' in (
+    lines = proc.stdout.splitlines()
+    counted = [line for line in lines if "sse_sidecar_forced_done_total{" in line]
+    assert counted == [
+        '  sse_sidecar_forced_done_total{dialect="letta",reason="stream_incomplete"} 1.0',
+        '  sse_sidecar_forced_done_total{dialect="openai-chat",reason="stream_incomplete"} 1.0',
+    ], output
+    assert 'sse_sidecar_stream_transitions_total{transition="saw_done_after_error"} 2.0' in (
         proc.stdout
     )
     assert "OK: every run ended as DESIGN.md says it must." in proc.stdout

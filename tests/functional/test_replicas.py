@@ -267,11 +267,9 @@ async def test_producer_lost_when_a_is_killed_ends_the_run_once_for_readers_on_b
     assert [r["data"].count("[DONE]") for r in rows] == [0] * 5 + [1]
     # While they waited the readers got ": ping" heartbeats (comments: not events); apart from
     # them each got exactly the stored events after its cursor.
-    assert all(b": ping\n\n" in body for body in bodies)
+    assert all(b": ping\n" in body for body in bodies)
     for body, cursor in zip(bodies, cursors, strict=True):
-        assert (
-            body.replace(b": ping\n\n", b"") == "".join(r["data"] for r in rows[cursor:]).encode()
-        )
+        assert body.replace(b": ping\n", b"") == "".join(r["data"] for r in rows[cursor:]).encode()
     events = ClientView(200, {}, bodies[0]).events
     check_terminal_once(events)
     data = payloads(events)
@@ -357,8 +355,8 @@ async def test_a_producer_that_comes_back_after_producer_lost_is_fenced(
         body_a = await live.rest()
     rows = await stored(redis_client, run_id)
     assert [int(r["seq_id"]) for r in rows] == [1, 2, 3, 4, 5]
-    assert body_b.replace(b": ping\n\n", b"") == "".join(r["data"] for r in rows).encode()
-    check_terminal_once(ClientView(200, {}, body_b.replace(b": ping\n\n", b"")).events)
+    assert body_b.replace(b": ping\n", b"") == "".join(r["data"] for r in rows).encode()
+    check_terminal_once(ClientView(200, {}, body_b.replace(b": ping\n", b"")).events)
     assert json.loads(rows[3]["data"].split("data: ", 1)[1])["error_type"] == "producer_lost"
     h = await meta(redis_client, run_id)
     assert (h["status"], h["forced_done"], h["last_seq"]) == ("failed", "producer_lost", "5")

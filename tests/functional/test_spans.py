@@ -227,6 +227,7 @@ async def test_a_natural_run_has_server_client_and_run_spans(
     assert client.end_time <= run.start_time
     assert attrs(run) == {
         "sse.run_id": run_id,
+        "sse.dialect": "letta",
         "sse.status": "completed",
         "sse.stop_reason": "end_turn",
         "sse.events": 4,
@@ -337,6 +338,7 @@ async def test_error_then_done_has_saw_error_saw_done_and_no_forced_done(
     ]
     assert attrs(run) == {
         "sse.run_id": run_id,
+        "sse.dialect": "letta",
         "sse.status": "failed",
         "sse.stop_reason": "",
         "sse.events": 3,
@@ -365,6 +367,7 @@ async def test_stream_incomplete_has_forced_done_an_error_status_and_a_traced_wa
     assert events(run) == [("forced_done", {"sse.reason": "stream_incomplete", "sse.detail": ""})]
     assert attrs(run) == {
         "sse.run_id": run_id,
+        "sse.dialect": "letta",
         "sse.status": "failed",
         "sse.stop_reason": "error",
         "sse.events": 4,  # a, then the synthesized stop_reason, error and [DONE]

@@ -43,10 +43,9 @@ TRANSITIONS = "sse_sidecar_stream_transitions_total"
 
 
 def filled(payload: dict[str, Any], seq: int, run_id: str) -> dict[str, Any]:
-    """``payload`` as the letta dialect stores it: null/missing seq_id and run_id filled."""
+    """``payload`` as the letta dialect stores it: seq_id its seq, a null/missing run_id filled."""
     out = dict(payload)
-    if out.get("seq_id") is None:
-        out["seq_id"] = seq
+    out["seq_id"] = seq
     if out.get("run_id") is None:
         out["run_id"] = run_id
     return out
@@ -121,11 +120,12 @@ async def check_run(
     if forced_done is None:
         assert forced == {}
     else:
-        assert forced == {(("reason", forced_done),): 1.0}
+        assert forced == {(("dialect", "letta"), ("reason", forced_done)): 1.0}
     label = stop_label if stop_label is not None else (stop_reason or "none")
     assert nonzero(samples(sc.metrics.registry, FINISHED)) == {
-        (("status", status), ("stop_reason", label)): 1.0
+        (("dialect", "letta"), ("status", status), ("stop_reason", label)): 1.0
     }
+    assert m["dialect"] == "letta"
     assert sc.metric("sse_sidecar_runs_active") == 0
     assert sc.metric("sse_sidecar_stream_events_total") == n
     return rows
@@ -534,8 +534,9 @@ async def test_comments_are_relayed_live_but_not_stored_or_numbered(
         ev(3, filled(stop_payload("end_turn"), 3, r)),
         b"id: 4\ndata: [DONE]\n\n",
     )
+    # Comments are relayed as lone lines (the upstream's blank line after one is not).
     assert view.body == (
-        b": ping\n\n" + events[0] + b": keep-alive\n\n" + events[1] + events[2] + events[3]
+        b": ping\n" + events[0] + b": keep-alive\n" + events[1] + events[2] + events[3]
     )
     rows = await check_run(
         sc,
@@ -585,7 +586,7 @@ async def test_letta_fill_of_seq_id_and_run_id(
     http: aiohttp.ClientSession,
 ) -> None:
     sc = await make_sidecar()
-    kept = b'{"message_type":  "assistant_message", "seq_id": 77, "run_id": "elsewhere", "x": 1.50}'
+    kept = b'{"message_type":  "assistant_message", "seq_id": 3, "run_id": "elsewhere", "x": 1.50}'
     view = await run_stream(
         upstream,
         http,
@@ -607,14 +608,15 @@ async def test_letta_fill_of_seq_id_and_run_id(
         {"message_type": "assistant_message", "seq_id": 1, "run_id": r, "c": "n"},
         {"message_type": "assistant_message", "c": "missing", "seq_id": 2, "run_id": r},
         json.loads(kept),
-        {"message_type": "assistant_message", "seq_id": 40, "c": "half", "run_id": r},
+        # The upstream's own seq_id is replaced: seq_id is the replay cursor (the event's seq).
+        {"message_type": "assistant_message", "seq_id": 4, "c": "half", "run_id": r},
         {"run_id": "mine", "c": "other half", "seq_id": 5},
         [1, None],
         "plain text, not JSON",
         filled(stop_payload("end_turn"), 8, r),
         "[DONE]",
     ]
-    # An event that carries both ids keeps its exact bytes (no re-serialisation).
+    # An event that carries the right ids keeps its exact bytes (no re-serialisation).
     assert b"id: 3\ndata: " + kept + b"\n\n" in view.body
     assert b"id: 6\ndata: [1, null]\n\n" in view.body
     await check_run(

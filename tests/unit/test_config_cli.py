@@ -25,7 +25,7 @@ def test_defaults_match_the_design() -> None:
     s = Settings()
     assert (s.host, s.port, s.admin_port) == ("0.0.0.0", 8080, 8081)
     assert s.key_prefix == "sse:run:"
-    assert s.dialect == "letta"
+    assert s.dialect == "auto"
     assert s.on_client_disconnect == "continue"
     assert s.stream_ttl_seconds == 3 * 3600
     assert s.max_stream_events == 100000
@@ -49,6 +49,8 @@ def test_env_var_overrides_default_and_flag_overrides_env(
         ("--redis-url", "mysql://x", "redis://"),
         ("--port", "70000", "less than or equal to 65535"),
         ("--flush-max-events", "0", "greater than 0"),
+        ("--dialect-routes", "/v1/chat=openai", "item 1: unknown dialect 'openai'"),
+        ("--dialect-routes", "/a=letta,/v1/chat", "item 2 ('/v1/chat') must be <path glob>="),
     ],
 )
 def test_bad_settings_exit_2_with_a_clear_message(

@@ -115,15 +115,24 @@ def test_parse_payload_roundtrip(value: Any, pad: str) -> None:
             id="seq-missing",
         ),
         pytest.param(
-            '{"seq_id": 99, "run_id": null}',
-            {"seq_id": 99, "run_id": "run-1"},
+            '{"seq_id": 7, "run_id": null}',
+            {"seq_id": 7, "run_id": "run-1"},
             id="run-null",
         ),
         pytest.param(
-            '{"seq_id": 99}',
-            {"seq_id": 99, "run_id": "run-1"},
+            '{"seq_id": 7}',
+            {"seq_id": 7, "run_id": "run-1"},
             id="run-missing",
         ),
+        # The upstream's own numbering is not the replay cursor: the seq replaces it.
+        pytest.param(
+            '{"seq_id": 99, "run_id": "upstream-run"}',
+            {"seq_id": 7, "run_id": "upstream-run"},
+            id="seq-other-number",
+        ),
+        pytest.param('{"seq_id": 6, "run_id": "r"}', {"seq_id": 7, "run_id": "r"}, id="0-based"),
+        pytest.param('{"seq_id": "7", "run_id": "r"}', {"seq_id": 7, "run_id": "r"}, id="string"),
+        pytest.param('{"seq_id": 7.0, "run_id": "r"}', {"seq_id": 7, "run_id": "r"}, id="float"),
         pytest.param(
             '{"message":{"seq_id":null,"run_id":null}}',
             {"message": {"seq_id": None, "run_id": None}, "seq_id": 7, "run_id": "run-1"},
@@ -147,14 +156,14 @@ def test_fill_ids_exact_output_keeps_key_order() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        '{ "run_id" : "orig",  "seq_id" : 12, "x": 1.50, "y": "\\u00e9" }',
-        '{"seq_id": 0, "run_id": ""}',
-        '{"seq_id": "abc", "run_id": 5}',
-        '{"seq_id": false, "run_id": []}',
-        '\n  {"seq_id":1,"run_id":"a","seq":null}  ',
+        '{ "run_id" : "orig",  "seq_id" : 7, "x": 1.50, "y": "\\u00e9" }',
+        '{"seq_id": 7, "run_id": ""}',
+        '{"seq_id": 7, "run_id": 5}',
+        '{"seq_id": 7, "run_id": []}',
+        '\n  {"seq_id":7,"run_id":"a","seq":null}  ',
     ],
 )
-def test_fill_ids_keeps_exact_bytes_when_both_present(data: str) -> None:
+def test_fill_ids_keeps_exact_bytes_when_the_ids_are_right(data: str) -> None:
     assert fill_ids(data, parse_payload(data), 7, "run-1") == data
 
 
@@ -183,13 +192,13 @@ def test_fill_ids_property(obj: dict[str, Any], seq: int) -> None:
     data = json.dumps(obj)
     out = fill_ids(data, parse_payload(data), seq, "run-x")
     result = json.loads(out)
-    for name, filled in (("seq_id", seq), ("run_id", "run-x")):
-        original = obj.get(name)
-        assert result[name] == (filled if original is None else original)
+    assert result["seq_id"] == seq
+    assert type(result["seq_id"]) is int
+    assert result["run_id"] == ("run-x" if obj.get("run_id") is None else obj["run_id"])
     assert {k: v for k, v in result.items() if k not in ("seq_id", "run_id")} == {
         k: v for k, v in obj.items() if k not in ("seq_id", "run_id")
     }
-    if obj.get("seq_id") is not None and obj.get("run_id") is not None:
+    if obj.get("seq_id") == seq and type(obj["seq_id"]) is int and obj.get("run_id") is not None:
         assert out == data
 
 

@@ -1,4 +1,5 @@
-"""The terminal tracker (sidecar/terminal.py): DESIGN.md, "The run and its terminal"."""
+"""The letta dialect's tracker (sidecar/dialects/letta.py on the core of sidecar/terminal.py):
+DESIGN.md, "The run and its terminal"."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.dialects.letta import STOP_REASON_STATUS, run_status
+from sidecar.dialects.letta import LettaTracker as Tracker
 from sidecar.payload import parse_payload
 from sidecar.sse import Event, SSEDecoder, encode_event
 from sidecar.terminal import (
     DONE_DATA,
-    STOP_REASON_STATUS,
+    Dialect,
     EndCause,
     ForcedDone,
     Outcome,
     Status,
     Synthesized,
-    Tracker,
     Transition,
     is_done,
-    run_status,
     stop_reason_label,
 )
 
@@ -63,18 +64,24 @@ def run(
     return tracker.finish(cause, detail)
 
 
+def text(synth: Synthesized) -> str:
+    """The bytes of a synthesized event (letta never appends an end without bytes)."""
+    assert synth.data is not None
+    return synth.data
+
+
 def kinds(synth: Sequence[Synthesized]) -> list[str]:
     """A compact description of synthesized events: done / stop_reason:X / error:TYPE."""
     out: list[str] = []
     for s in synth:
         if s.event == "error":
-            out.append(f"error:{json.loads(s.data)['error_type']}")
+            out.append(f"error:{json.loads(text(s))['error_type']}")
         elif s.data == "[DONE]":
             assert s.event is None
             out.append("done")
         else:
             assert s.event is None
-            payload = json.loads(s.data)
+            payload = json.loads(text(s))
             assert set(payload) == {"message_type", "stop_reason"}
             assert payload["message_type"] == "stop_reason"
             out.append(f"stop_reason:{payload['stop_reason']}")
@@ -83,7 +90,7 @@ def kinds(synth: Sequence[Synthesized]) -> list[str]:
 
 def synthesized_error(outcome: Outcome) -> dict[str, Any]:
     [err] = [s for s in outcome.synthesized if s.event == "error"]
-    payload = json.loads(err.data)
+    payload = json.loads(text(err))
     assert isinstance(payload, dict)
     return payload
 
@@ -374,6 +381,7 @@ def test_is_done(event: Event, expected: bool) -> None:
 def test_natural_done_with_stop_reason() -> None:
     outcome = run([MSG, sr("end_turn"), DONE])
     assert outcome == Outcome(
+        dialect=Dialect.LETTA,
         status=Status.COMPLETED,
         stop_reason="end_turn",
         error=None,
@@ -381,8 +389,8 @@ def test_natural_done_with_stop_reason() -> None:
         synthesized=(),
         saw_error=False,
         saw_done=True,
+        stop_reason_label="end_turn",
     )
-    assert outcome.stop_reason_label == "end_turn"
 
 
 @pytest.mark.parametrize("cause", list(EndCause))
@@ -407,6 +415,7 @@ def test_the_lesson_error_then_done_is_a_natural_end(cause: EndCause) -> None:
     ]
     outcome = tracker.finish(cause)
     assert outcome == Outcome(
+        dialect=Dialect.LETTA,
         status=Status.FAILED,
         stop_reason="error",
         error=ERROR_PAYLOAD,
@@ -414,8 +423,8 @@ def test_the_lesson_error_then_done_is_a_natural_end(cause: EndCause) -> None:
         synthesized=(),
         saw_error=True,
         saw_done=True,
+        stop_reason_label="error",
     )
-    assert outcome.stop_reason_label == "error"
 
 
 @pytest.mark.parametrize(
@@ -654,9 +663,9 @@ def test_synthesized_error_payload(cause: EndCause) -> None:
     stop, err, done = outcome.synthesized
     assert stop == Synthesized(data='{"message_type":"stop_reason","stop_reason":"error"}')
     assert err.event == "error"
-    assert "\n" not in err.data
-    assert "\r" not in err.data
-    payload = json.loads(err.data)
+    assert "\n" not in text(err)
+    assert "\r" not in text(err)
+    payload = json.loads(text(err))
     assert set(payload) == {"message_type", "error_type", "message", "detail"}
     assert payload["message_type"] == "error_message"
     assert payload["error_type"] == cause.value
@@ -685,8 +694,8 @@ def test_detail_appears_in_the_synthesized_error(cause: EndCause, detail: str) -
     assert payload["detail"] == detail
     assert outcome.error == payload
     [err] = [s for s in outcome.synthesized if s.event == "error"]
-    assert "\n" not in err.data
-    assert "\r" not in err.data
+    assert "\n" not in text(err)
+    assert "\r" not in text(err)
 
 
 def test_detail_is_ignored_when_the_upstream_error_is_kept() -> None:
