@@ -240,7 +240,11 @@ class Api:
         if local is not None:
             local.cancel(EndCause.CANCELLED)
             try:
-                await asyncio.wait_for(local.wait(), CANCEL_WAIT_SECONDS)
+                # Its terminal in Redis, not only handed to the writer: the status read below
+                # must say how the run ended.
+                async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                    await local.wait()
+                    await local.stream.ended.wait()
             except TimeoutError:
                 return web.json_response({"run_id": run_id, "status": "cancelling"}, status=202)
             return web.json_response(status_body(await self._meta(run_id)))

@@ -79,6 +79,8 @@ class RunStream:
     urgent: bool = False  # a claim, renewal or rebuild waits to be sent
     failures: int = 0
     history_lost: bool = False
+    # Set once the run's last event is in Redis (or will never be: the run was discarded).
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Writer:
@@ -322,6 +324,7 @@ class Writer:
         self._leases.pop(run.run_id, None)
         if not run.claim.done():
             run.claim.set_result(reason)
+        run.ended.set()
         self._after_change()
 
     def _after_change(self) -> None:
@@ -461,6 +464,7 @@ class Writer:
         if complete:
             self._ended.add(run.run_id)
             self._wake.set()
+            run.ended.set()
         if result.trimmed:
             self._m.stream_trimmed_events.inc(result.trimmed)
         for key, value in standalone.items():

@@ -353,6 +353,8 @@ async def test_cancel_by_protocol_id_ends_the_run_in_its_dialect(
         async with http.post(f"{sc.url}/sidecar/v1/runs/{protocol_id}/cancel") as cancel:
             assert cancel.status == 200
             answer = await cancel.json()
+        # The answer is the run's stored end, not its state before the terminal landed.
+        assert (answer["status"], answer["forced_done"]) == ("cancelled", "cancelled")
         body = await live.rest()
     run = await stored_run(sc, redis_client, RunId(answer["run_id"]))
     assert (run.meta["status"], run.meta["forced_done"], run.meta["dialect"]) == (
