@@ -5,7 +5,8 @@
 ``create_admin_app`` returns the admin application (/metrics, /healthz, /readyz); ``serve`` runs
 both until SIGTERM/SIGINT and shuts down in order: unready, stop accepting, let running streams
 finish for ``drain_seconds``, end the rest with the ``sidecar_shutdown`` terminal, flush the
-writer within ``flush_deadline_seconds``, exit.
+writer within ``flush_deadline_seconds``, keep /metrics serving for ``metrics_grace_seconds`` (until
+one scrape has read the final counts), exit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +36,7 @@ from sidecar.config import Settings
 from sidecar.follow import Follower
 from sidecar.keys import Keys
 from sidecar.proxy import Proxy, json_error
+from sidecar.redis_probe import RedisProbe
 from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, RunRegistry
 from sidecar.telemetry import Metrics
@@ -53,6 +55,10 @@ class State:
     """Mutable process state the admin port reports on."""
 
     draining: bool = False
+    # Shutdown: set once every run has ended and the writer has flushed (the counts are final);
+    # then set once a /metrics response written after that has gone out.
+    final_counts: bool = False
+    final_scrape: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -80,6 +86,7 @@ def create_app(
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[TRACER] = tracer if tracer is not None else trace.NoOpTracer()
     app[STATE] = State()
+    app[METRICS].writer_max_bytes.set(settings.writer_max_bytes)
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(_remember_status)
     app.on_shutdown.append(_drain)
@@ -177,6 +184,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         token_ttl_seconds=s.replay_token_ttl_seconds,
     )
     cancels = CancelListener(redis, keys.cancel_channel, runs)
+    probe = RedisProbe(
+        s.redis_url,
+        metrics.redis_up,
+        interval=s.redis_probe_interval_seconds,
+        timeout=s.redis_timeout_seconds,
+    )
+    probe.start()
     writer.start()
     runs.start()
     follower.start()
@@ -201,6 +215,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await probe.close()
         await proxy.aclose()
         await cancels.stop()
         await follower.close()
@@ -277,13 +292,22 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             )
 
 
-async def _metrics(request: web.Request) -> web.Response:
+async def _metrics(request: web.Request) -> web.StreamResponse:
     registry = request.app[METRICS].registry
+    state = request.app[STATE]
+    final = state.final_counts  # before the body: a body made earlier may miss the last counts
     if "application/openmetrics-text" in request.headers.get("Accept", ""):
         body: bytes = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
-        return web.Response(body=body, headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
-    text = generate_latest(registry)
-    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        content_type = OPENMETRICS_CONTENT_TYPE
+    else:
+        body = generate_latest(registry)
+        content_type = CONTENT_TYPE_LATEST
+    resp = web.Response(body=body, headers={"Content-Type": content_type})
+    await resp.prepare(request)
+    await resp.write_eof()
+    if final:
+        state.final_scrape.set()
+    return resp
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -314,6 +338,19 @@ async def _readyz(traffic: web.Application) -> web.Response:
     if degraded:
         return web.json_response({"status": "degraded", "problems": degraded})
     return web.json_response({"status": "ready"})
+
+
+async def _final_scrape(state: State, grace: float) -> None:
+    """Every run has ended and the writer has flushed: keep /metrics up until a scrape has read
+    these final counts (sidecar_shutdown among them), for at most ``grace`` seconds."""
+    state.final_counts = True
+    if grace <= 0:
+        return
+    log.info("serving the final counts on /metrics for up to %.1fs", grace)
+    try:
+        await asyncio.wait_for(state.final_scrape.wait(), grace)
+    except TimeoutError:
+        log.warning("no scrape read the final counts within %.1fs", grace)
 
 
 async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
@@ -353,6 +390,7 @@ async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
         log.info("shutting down")
         app[STATE].draining = True
         await runner.cleanup()
+        await _final_scrape(app[STATE], settings.metrics_grace_seconds)
         await admin_runner.cleanup()
         if provider is not None:
             # Export what is still batched: the spans of the shutdown itself included.

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.keys import Keys, RunId
 from sidecar.sse import Event, SSEDecoder
@@ -228,3 +229,20 @@ async def write_run(
         )
     values = {"last_seq": str(len(events)), **fields}
     await client.hset(keys.meta(run_id), mapping=values)  # type: ignore[arg-type]
+
+
+# -- appended (shutdown tests): a value from a scraped /metrics body ----------------------------
+
+
+def scraped_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` in a Prometheus text body whose labels include
+    ``labels`` (so a label added later, such as ``dialect``, does not break the match)."""
+    total = 0.0
+    found = False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+                found = True
+    assert found, f"no sample {name}{labels} in the scrape"
+    return total
