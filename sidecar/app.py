@@ -303,8 +303,11 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
         body = generate_latest(registry)
         content_type = CONTENT_TYPE_LATEST
     resp = web.Response(body=body, headers={"Content-Type": content_type})
-    await resp.prepare(request)
-    await resp.write_eof()
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionResetError:
+        return resp  # the scraper left: these counts did not reach it
     if final:
         state.final_scrape.set()
     return resp

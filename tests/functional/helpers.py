@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -246,3 +250,17 @@ def scraped_value(text: str, name: str, **labels: str) -> float:
                 found = True
     assert found, f"no sample {name}{labels} in the scrape"
     return total
+
+
+# -- appended (dashboards and Prometheus tests): the project's scripts as modules --------------
+
+
+def import_file(path: Path) -> ModuleType:
+    """A Python file that is not in a package (dashboards/, scripts/), imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
