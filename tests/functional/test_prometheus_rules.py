@@ -473,6 +473,16 @@ def test_every_alert_has_its_runbook_section() -> None:
     assert set(sections) == {a.name for a in alerts()}, "a runbook section without its alert"
 
 
+def test_the_producer_lost_runbook_says_who_counts_it() -> None:
+    """Orphaned runs are counted by a periodic sweep on any replica, not only when read: the
+    alert sums the deployment, and the runbook says when the count comes and from where."""
+    text = " ".join(runbook_sections()["SSESidecarProducerLost"].split())
+    for needed in ("periodic sweep", "whichever replica sweeps first", "one lease (30 s)"):
+        assert needed in text, needed
+    (rule,) = [a for a in alerts() if a.name == "SSESidecarProducerLost"]
+    assert "sum by (cluster, namespace, job)" in rule.expr
+
+
 def test_runbook_promql_parses(tmp_path: Path) -> None:
     blocks = re.findall(r"```promql\n(.*?)```", RUNBOOK.read_text(), re.S)
     assert blocks
@@ -559,6 +569,29 @@ def test_aggregations_keep_cluster_namespace_and_job() -> None:
             kept = [label.strip() for label in labels.split(",")]
             assert kept[:3] == ["cluster", "namespace", "job"], (rule.name, kept)
             assert "dialect" not in kept, rule.name
+
+
+def test_the_readme_inhibition_rules_name_real_alerts() -> None:
+    """README's Alertmanager example: the standard severity inhibition (what lets one alert name
+    carry a warning and a critical), and the outage inhibitions, all about alerts that exist."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    readme = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"```yaml\n(# alertmanager\.yml\n.*?)```", readme, re.S)
+    rules = yaml.safe_load(block)["inhibit_rules"]
+    assert rules[0] == {
+        "source_matchers": ['severity="critical"'],
+        "target_matchers": ['severity="warning"'],
+        "equal": ["namespace", "alertname"],
+    }
+    names = {a.name for a in alerts()}
+    for rule in rules:
+        for matcher in rule["source_matchers"] + rule["target_matchers"]:
+            if matcher.startswith("alertname"):
+                named = set(re.findall(r"SSESidecar\w+", matcher))
+                assert named, matcher
+                assert named <= names, matcher
+        # What the rules share: labels the alerts on both sides carry.
+        assert set(rule.get("equal", [])) <= {"namespace", "job", "alertname"}
 
 
 # -- the reader itself -----------------------------------------------------------------------
