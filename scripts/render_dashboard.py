@@ -222,12 +222,14 @@ def render(
         if panel["type"] == "row":
             fig.text(left + 0.003, top - box_height / 2, panel["title"], color=TEXT, fontsize=11)
             continue
-        pad_x, pad_top, pad_bottom = 0.03 / 24, 0.22 / height, 0.12 / height
+        # Room on the left for a time series' y tick labels, inside its own cell.
+        pad_left = (0.55 if panel["type"] == "timeseries" else 0.06) / WIDTH_INCH
+        pad_right, pad_top, pad_bottom = 0.06 / WIDTH_INCH, 0.22 / height, 0.22 / height
         ax = fig.add_axes(
             (
-                left + pad_x * 4,
+                left + pad_left,
                 top - box_height + pad_bottom,
-                width - pad_x * 8,
+                width - pad_left - pad_right,
                 box_height - pad_top - pad_bottom,
             )
         )
@@ -250,7 +252,7 @@ def main() -> None:
     args = parser.parse_args()
     filters = {name: getattr(args, name) for name in FILTERS}
     fig, drawn = render(Prometheus(args.prometheus), args.range, filters, args.end or time.time())
-    fig.savefig(args.out, dpi=90, facecolor=BG)
+    fig.savefig(args.out, dpi=72, facecolor=BG, pil_kwargs={"optimize": True})
     empty = [d.title for d in drawn if not d.series]
     print(f"wrote {args.out}" + (f" (no data: {', '.join(empty)})" if empty else ""))
 
