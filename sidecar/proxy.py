@@ -167,6 +167,7 @@ class Proxy:
             except TimeoutError as exc:
                 span.record_exception(exc)
                 span.set_status(StatusCode.ERROR)
+                self._m.upstream_errors.labels("timeout").inc()
                 return json_error(504, "upstream_timeout", "the upstream did not answer in time")
             except (aiohttp.ClientError, RequestTooLarge) as exc:
                 span.record_exception(exc)
@@ -175,6 +176,8 @@ class Proxy:
                 if isinstance(too_large := _cause(exc, RequestTooLarge), RequestTooLarge):
                     return json_error(413, "request_too_large", str(too_large))
                 log.warning("upstream request failed: %s", exc)
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
+                self._m.upstream_errors.labels("connect" if refused else "disconnected").inc()
                 return json_error(502, "upstream_unreachable", f"cannot reach the upstream: {exc}")
             span.set_attribute("http.response.status_code", upstream.status)
         if is_event_stream(upstream) and request.method != "HEAD":

@@ -77,6 +77,10 @@ BACKGROUND_TASKS = (
     "sse-redis-probe",
 )
 
+# Every kind label of upstream_errors_total: no connection, no answer in time, the connection
+# broke before the response headers.
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "disconnected")
+
 
 class Metrics:
     """Every ``sse_sidecar_*`` metric, registered on ``registry``."""
@@ -167,6 +171,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.writer_max_bytes = Gauge(
+            p + "writer_max_bytes",
+            "The configured bound on unwritten event bytes (writer_max_bytes).",
+            registry=r,
+        )
         self.stream_trimmed_events = Counter(
             p + "stream_trimmed_events_total",
             "Stored events removed by the max_stream_events length cap.",
@@ -189,6 +198,13 @@ class Metrics:
             p + "replay_delivery_lag_seconds",
             "Time from an event reaching the sidecar to its delivery to a live replay reader.",
             buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            p + "upstream_errors_total",
+            "Proxied requests that got no response from the upstream, by kind (connect, timeout, "
+            "disconnected): the sidecar answered 502 or 504.",
+            ["kind"],
             registry=r,
         )
         self.http_requests = Counter(
@@ -241,6 +257,8 @@ class Metrics:
             self.background_crashes.labels(task)
         for outcome in REPLAY_OUTCOMES:
             self.replay_requests.labels(outcome)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(kind)
         # Without the runs series, the first run of each kind after a restart is invisible to
         # increase(), while its forced_done is not: the forced ratio would spike.
         for dialect, tracker in TRACKERS.items():

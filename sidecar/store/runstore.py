@@ -25,7 +25,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.backoff import EqualJitterBackoff
 
-from sidecar.errors import InvalidRunId, StoreError, StoreUnavailable
+from sidecar.errors import InvalidRunId, StoreBusy, StoreError, StoreUnavailable
 from sidecar.keys import Keys, RunId, validate_run_id
 from sidecar.store.meta import RunMeta
 
@@ -55,11 +55,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 _FOREIGN: tuple[type[BaseException], ...] = (redis_errors.RedisError, OSError, TimeoutError)
+# What redis-py's blocking pool raises (a plain ConnectionError) when no connection came free.
+_POOL_EXHAUSTED = "No connection available."
 
 
 def translate(operation: str, exc: BaseException) -> StoreError:
     """The project's error for a foreign one (the one place where redis-py's errors end)."""
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, redis_errors.MaxConnectionsError) or str(exc) == _POOL_EXHAUSTED:
+        return StoreBusy(operation, message)
     if isinstance(exc, _UNAVAILABLE):
         return StoreUnavailable(operation, message)
     return StoreError(operation, message)
@@ -237,7 +241,7 @@ class RunStore:
 
     def _fail(self, operation: str, exc: BaseException) -> StoreError:
         error = translate(operation, exc)
-        if isinstance(error, StoreUnavailable):
+        if isinstance(error, StoreUnavailable) and not isinstance(error, StoreBusy):
             self.health.failed(error)
             self._load_append = True
         return error

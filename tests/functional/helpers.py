@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
 import redis.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.keys import Keys, RunId
 from sidecar.sse import Event, SSEDecoder
@@ -267,3 +272,34 @@ async def stored_run(sc: Any, client: redis.asyncio.Redis, run_id: RunId) -> Sto
 def forced_total(sc: Any) -> float:
     """Every forced terminal this sidecar counted, whatever its reason and dialect."""
     return float(sc.metric("sse_sidecar_forced_done_total"))
+
+
+# -- appended (shutdown tests): a value from a scraped /metrics body ----------------------------
+
+
+def scraped_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` in a Prometheus text body whose labels include
+    ``labels`` (so a label added later, such as ``dialect``, does not break the match)."""
+    total = 0.0
+    found = False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+                found = True
+    assert found, f"no sample {name}{labels} in the scrape"
+    return total
+
+
+# -- appended (dashboards and Prometheus tests): the project's scripts as modules --------------
+
+
+def import_file(path: Path) -> ModuleType:
+    """A Python file that is not in a package (dashboards/, scripts/), imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,10 @@
   the prometheus-operator objects get structural checks here;
 - checkov passes for the rendered manifests and the Dockerfile, every skip justified inline;
 - the manifests agree with the code: probe paths and ports, env var names (Settings), the grace
-  period against the drain and flush deadlines, the Service's target port, the image's user;
+  period against the drain, flush and metrics deadlines, the metrics grace against the scrape
+  interval, the Service's target port, the image's user;
+- the alerts' Grafana and runbook links and the `release` label kube-prometheus-stack selects on
+  come from one place per overlay (components/monitoring-links);
 - the monitoring files generated from dashboards/ are in sync with it;
 - the image's entrypoint works from an installed wheel: ``sse-sidecar serve`` starts, gets ready
   and exits cleanly on SIGTERM.
@@ -46,6 +49,8 @@ KUSTOMIZE = DEPLOY / "kustomize"
 GENERATED = KUSTOMIZE / "base" / "monitoring" / "generated"
 SYNC_SCRIPT = ROOT / "scripts" / "sync_deploy_monitoring.py"
 TOOLS_BIN = ROOT / ".venv-tools" / "bin"
+COMPONENTS = KUSTOMIZE / "components"
+LINKS_FILE = "monitoring-links.yaml"
 TARGETS = {
     "base": KUSTOMIZE / "base",
     "dev": KUSTOMIZE / "overlays" / "dev",
@@ -82,17 +87,17 @@ def _kubectl() -> str:
     pytest.fail("kubectl >= 1.27 not found: run `make tools` (or `make test`), which installs it")
 
 
+def _render(path: Path) -> list[Obj]:
+    result = subprocess.run(
+        [_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Obj]]:
-    kubectl = _kubectl()
-    out: dict[str, list[Obj]] = {}
-    for name, path in TARGETS.items():
-        result = subprocess.run(
-            [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
-        )
-        assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
-        out[name] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    return out
+    return {name: _render(path) for name, path in TARGETS.items()}
 
 
 def _one(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
@@ -283,7 +288,78 @@ def test_prometheusrule_holds_exactly_the_rule_groups_of_dashboards(
             if "for" in r:
                 assert re.fullmatch(r"(\d+[smhdwy])+", r["for"]), r
     expected = [g for f in _rule_files() for g in yaml.safe_load(f.read_text())["groups"]]
+    if target != "base":
+        # The overlays set the links' addresses (components/monitoring-links): put the
+        # rule files' back to compare the rest.
+        links = _links(target)
+        text = json.dumps(groups)
+        text = text.replace(links["grafanaUrl"] + "/d/", SOURCE_GRAFANA + "/d/")
+        text = text.replace(links["runbookUrl"] + "#", SOURCE_RUNBOOK + "#")
+        groups = json.loads(text)
     assert groups == expected
+
+
+# The addresses the rule files in dashboards/ carry, before an overlay sets its own.
+SOURCE_GRAFANA = "https://grafana.example.com"
+SOURCE_RUNBOOK = "https://github.com/sse-sidecar/sse-sidecar/blob/main/dashboards/RUNBOOK.md"
+
+
+def _links(overlay: str) -> dict[str, str]:
+    """The overlay's one place for the monitoring links (its monitoring-links.yaml)."""
+    doc = yaml.safe_load((KUSTOMIZE / "overlays" / overlay / LINKS_FILE).read_text())
+    assert doc["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
+    data: dict[str, str] = doc["data"]
+    assert set(data) == {"grafanaUrl", "runbookUrl", "prometheusRelease"}
+    return data
+
+
+def _alert_annotations(objs: list[Obj]) -> list[dict[str, str]]:
+    rule = _one(objs, "PrometheusRule")
+    return [r["annotations"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_the_alert_links_and_the_release_label_come_from_one_place(
+    rendered: dict[str, list[Obj]], target: str
+) -> None:
+    objs = rendered[target]
+    links = _links(target)
+    annotations = _alert_annotations(objs)
+    assert len(annotations) >= 14
+    for a in annotations:
+        assert a["runbook_url"].startswith(links["runbookUrl"] + "#"), a["runbook_url"]
+        assert a["dashboard_url"].startswith(links["grafanaUrl"] + "/d/sse-sidecar-overview/")
+    # kube-prometheus-stack's Prometheus selects `release: <its release>` by default.
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert _one(objs, kind)["metadata"]["labels"]["release"] == links["prometheusRelease"]
+    # Read, never applied.
+    assert not [o for o in objs if o["metadata"]["name"] == "sse-sidecar-monitoring-links"]
+    if target == "dev":
+        assert "grafana.example.com" not in yaml.safe_dump_all(objs)
+
+
+def test_one_edit_moves_every_link(tmp_path: Path) -> None:
+    """Changing the overlay's monitoring-links.yaml is all it takes: every alert follows."""
+    copy = tmp_path / "kustomize"
+    shutil.copytree(KUSTOMIZE, copy)
+    links = copy / "overlays" / "production" / LINKS_FILE
+    doc = yaml.safe_load(links.read_text())
+    doc["data"] = {
+        "grafanaUrl": "https://grafana.corp.test:3443/grafana",
+        "runbookUrl": "https://wiki.corp.test/sse-sidecar/runbook",
+        "prometheusRelease": "prom",
+    }
+    links.write_text(yaml.safe_dump(doc))
+    objs = _render(copy / "overlays" / "production")
+    for a in _alert_annotations(objs):
+        assert re.fullmatch(
+            r"https://wiki\.corp\.test/sse-sidecar/runbook#ssesidecar[a-z]+", a["runbook_url"]
+        ), a["runbook_url"]
+        assert a["dashboard_url"].startswith(
+            "https://grafana.corp.test:3443/grafana/d/sse-sidecar-overview/sse-sidecar-overview"
+        ), a["dashboard_url"]
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert _one(objs, kind)["metadata"]["labels"]["release"] == "prom"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -472,12 +548,28 @@ def test_grace_period_covers_prestop_drain_and_flush(
         for c in _all_containers(pod)
     )
     assert _sidecar(objs)["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
-    drain = float(_sidecar_env(objs)[ENV_PREFIX + "DRAIN_SECONDS"])
-    needed = prestop + drain + FLUSH_DEADLINE_SECONDS + GRACE_MARGIN_SECONDS
+    env = _sidecar_env(objs)
+    drain = float(env[ENV_PREFIX + "DRAIN_SECONDS"])
+    metrics = float(env[ENV_PREFIX + "METRICS_GRACE_SECONDS"])
+    needed = prestop + drain + FLUSH_DEADLINE_SECONDS + metrics + GRACE_MARGIN_SECONDS
     assert grace >= needed, (
         f"terminationGracePeriodSeconds {grace} < preStop {prestop} + drain {drain} "
-        f"+ flush {FLUSH_DEADLINE_SECONDS} + margin {GRACE_MARGIN_SECONDS}"
+        f"+ flush {FLUSH_DEADLINE_SECONDS} + metrics grace {metrics} + margin "
+        f"{GRACE_MARGIN_SECONDS}"
     )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_final_counts_outlast_a_scrape_interval(
+    rendered: dict[str, list[Obj]], target: str
+) -> None:
+    """After the drain, /metrics serves until a scrape reads the final counts: the grace for
+    that must be longer than the PodMonitor's interval, or the last counts can be missed."""
+    objs = rendered[target]
+    grace = float(_sidecar_env(objs)[ENV_PREFIX + "METRICS_GRACE_SECONDS"])
+    (endpoint,) = _one(objs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    interval = float(endpoint["interval"].removesuffix("s"))
+    assert grace > interval
 
 
 @pytest.mark.parametrize("target", TARGETS)

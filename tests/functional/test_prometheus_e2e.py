@@ -1,20 +1,23 @@
-"""The shipped dashboard and rules against a real Prometheus scraping a real sidecar.
+"""The shipped dashboard and rules against a real Prometheus scraping real sidecars.
 
 A Prometheus (the Debian package's binary, scrape and evaluation every second, the shipped
-recording and alert rules loaded) scrapes the admin port of a sidecar that tees a mix of streams
-from a real upstream into a real Redis: normal runs, an error followed by the upstream's [DONE],
-streams that die (clean EOF, connection reset), a stop reason without [DONE], a run longer than
-the length cap, live and historical replays, a 410, a 404, a run whose producer died, and a 5xx.
-Then every dashboard query and every recording rule is evaluated through Prometheus' HTTP API,
-and each must return data: a panel that can never show anything is a bug. The same Prometheus
-also shows that it loaded the rules as written, that they alert on this traffic, and that
-scripts/render_dashboard.py draws every panel from it.
+recording and alert rules loaded, the targets labelled like Kubernetes' with cluster, namespace
+and pod) scrapes the admin port of a sidecar that tees a mix of streams from a real upstream into
+a real Redis: normal runs, an error followed by the upstream's [DONE], streams that die (clean
+EOF, connection reset), a stop reason without [DONE], a run longer than the length cap, live and
+historical replays, a 410, a 404, a run whose producer died, and a 5xx. Before any of it, the
+replay panels read 0, not "No data". Then every dashboard query and every recording rule is
+evaluated through Prometheus' HTTP API, and each must return data: a panel that can never show
+anything is a bug. The same Prometheus also shows that it loaded the rules as written, that they
+alert on this traffic, and that scripts/render_dashboard.py draws every panel from it.
+
+A second Prometheus watches real outages: an upstream nobody can reach, Redis stopped under a
+busy and an idle replica, a writer past its configured bound, every sidecar gone; each pages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import time
@@ -22,28 +25,39 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import aiohttp
 import pytest
 import redis.asyncio
 
 from sidecar.keys import Keys, RunId
-from tests.conftest import RESET, Gate, Sidecar, SidecarFactory, Step, Upstream, free_port
+from tests.conftest import (
+    RESET,
+    Gate,
+    RedisServer,
+    Sidecar,
+    SidecarFactory,
+    Step,
+    Upstream,
+    free_port,
+)
 from tests.functional.helpers import (
     DONE,
     LiveReader,
     error,
     eventually,
+    import_file,
     stop,
     stream,
     token,
     write_run,
 )
 from tests.functional.test_prometheus_rules import RULE_FILES, binary, load_rules
-from tests.unit.test_dashboard import load_dashboard, substitute, targets
+from tests.unit.test_dashboard import FILTER_VARIABLES, load_dashboard, panels, substitute, targets
 
 JOB = "sse-sidecar"
+# What Kubernetes service discovery (and an external label) would put on the targets.
+TARGET_LABELS = {"cluster": "test", "namespace": "llm"}
 # Grafana's $__rate_interval is at least 4 scrape intervals (4 s here); one minute covers every
 # wave of traffic below with plenty of samples. $__range: the whole test, with room to spare.
 RATE_INTERVAL = "1m"
@@ -75,18 +89,52 @@ class Prometheus:
     async def until(self, check: Callable[[], Awaitable[bool]], what: str) -> None:
         await eventually(check, timeout=20.0, interval=0.2, what=f"Prometheus: {what}")
 
+    async def active_alerts(self) -> dict[tuple[str, str], str]:
+        """(alertname, severity) -> state (pending or firing) of every active alert."""
+        alerts = (await self.api("alerts"))["alerts"]
+        out: dict[tuple[str, str], str] = {}
+        for a in alerts:
+            key = (a["labels"]["alertname"], a["labels"]["severity"])
+            # Several alerts under one key (per pod, per pair): firing wins.
+            if out.get(key) != "firing":
+                out[key] = a["state"]
+        return out
+
+    async def alerting(
+        self, *expected: tuple[str, str], meanwhile: Callable[[], Awaitable[Any]] | None = None
+    ) -> None:
+        """Wait until every (alertname, severity) is pending or firing (doing ``meanwhile``
+        before each look: traffic that goes on during an outage)."""
+
+        async def active() -> bool:
+            if meanwhile is not None:
+                await meanwhile()
+            return set(expected) <= set(await self.active_alerts())
+
+        await self.until(active, f"alerts {expected} pending or firing")
+
+
+def pod_name(sc: Sidecar) -> str:
+    return f"llm-service-{sc.settings.admin_port}"
+
 
 @pytest.fixture
 async def prometheus_for(
     tmp_path: Path,
-) -> AsyncIterator[Callable[[Sidecar], Awaitable[Prometheus]]]:
-    """Starts a Prometheus that scrapes a sidecar's admin port; stops it at the end."""
+) -> AsyncIterator[Callable[..., Awaitable[Prometheus]]]:
+    """Starts a Prometheus that scrapes sidecars' admin ports; stops it at the end."""
     procs: list[asyncio.subprocess.Process] = []
     http = aiohttp.ClientSession()  # its own: the `http` fixture does not decompress
 
-    async def start(sc: Sidecar) -> Prometheus:
+    async def start(*sidecars: Sidecar) -> Prometheus:
         path = binary("prometheus")
-        admin = sc.admin_url.removeprefix("http://")
+        static = [
+            {
+                "targets": [sc.admin_url.removeprefix("http://")],
+                "labels": {**TARGET_LABELS, "pod": pod_name(sc)},
+            }
+            for sc in sidecars
+        ]
         config = {
             "global": {
                 "scrape_interval": "1s",
@@ -94,7 +142,7 @@ async def prometheus_for(
                 "evaluation_interval": "1s",
             },
             "rule_files": [str(p) for p in RULE_FILES],
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [admin]}]}],
+            "scrape_configs": [{"job_name": JOB, "static_configs": static}],
         }
         (tmp_path / "prometheus.yml").write_text(json.dumps(config, indent=1))  # JSON is YAML
         port = free_port()
@@ -125,9 +173,9 @@ async def prometheus_for(
         await prom.until(ready, "ready")
 
         async def scraped() -> bool:
-            return await prom.value(f'up{{job="{JOB}"}}') == 1.0
+            return await prom.value(f'sum(up{{job="{JOB}"}})') == len(sidecars)
 
-        await prom.until(scraped, "the sidecar scraped")
+        await prom.until(scraped, "every sidecar scraped")
         return prom
 
     try:
@@ -254,13 +302,14 @@ async def test_the_dashboard_and_rules_on_a_real_prometheus(
     upstream: Upstream,
     redis_client: redis.asyncio.Redis,
     http: aiohttp.ClientSession,
-    prometheus_for: Callable[[Sidecar], Awaitable[Prometheus]],
+    prometheus_for: Callable[..., Awaitable[Prometheus]],
     tmp_path: Path,
 ) -> None:
     # One Prometheus for every check: it takes 5 s to start scraping (its discovery manager
     # sends the first targets after 5 s), the rest takes a few seconds.
     sc = await make_sidecar(max_stream_events=5, lease_seconds=0.6)
     prom = await prometheus_for(sc)
+    await nobody_replays_yet(prom)
 
     # Two waves, each scraped before the next: a labelled series first created by wave 1 (a new
     # status or stop reason) has samples before and after wave 2, so rate() sees it move.
@@ -279,16 +328,37 @@ async def test_the_dashboard_and_rules_on_a_real_prometheus(
     await the_picture_renders(prom, tmp_path)
 
 
+async def nobody_replays_yet(prom: Prometheus) -> None:
+    """Before any replay (before any traffic), the replay panels read 0, not "No data"."""
+
+    async def two_scrapes() -> bool:  # a rate needs two samples
+        return await prom.value(f'count_over_time(up{{job="{JOB}"}}[1m])') == 2
+
+    await prom.until(two_scrapes, "two scrapes")
+    row = [p for p in panels() if p["type"] != "row" and 40 <= p["id"] < 50]
+    assert len(row) == 6
+    for panel in row:
+        for target in panel["targets"]:
+            query = substitute(target["expr"], rate_interval=RATE_INTERVAL, range_=RANGE)
+            values = [float(s["value"][1]) for s in await prom.query(query)]
+            assert values, f"{panel['title']}: no data ({query})"
+            assert set(values) == {0.0}, f"{panel['title']}: {values}"
+
+
 async def rules_loaded_as_written(prom: Prometheus) -> None:
     """What Prometheus loaded is what test_prometheus_rules.py reads from the files, and every
     rule evaluates without error."""
-    loaded = {r["name"]: r for g in (await prom.api("rules"))["groups"] for r in g["rules"]}
-    mine = {r.name: r for r in load_rules()}
+
+    def key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return name, tuple(sorted(labels.items()))
+
+    groups = (await prom.api("rules"))["groups"]
+    loaded = {key(r["name"], r.get("labels", {})): r for g in groups for r in g["rules"]}
+    mine = {key(r.name, dict(r.labels)): r for r in load_rules()}
     assert set(loaded) == set(mine)
     for name, rule in mine.items():
         got = loaded[name]
         assert got["type"] == ("alerting" if rule.alert else "recording"), name
-        assert got.get("labels", {}) == dict(rule.labels), name
         assert got["health"] == "ok", (name, got.get("lastError"))
         if rule.alert:
             assert got["annotations"] == dict(rule.annotations), name
@@ -318,56 +388,130 @@ async def every_query_returns_data(prom: Prometheus, sc: Sidecar) -> None:
             empty.append(f"panel {panel['id']} {panel['title']!r}: {query} -> {result}")
     assert empty == [], "\n".join(empty)
 
-    # The dashboard's variables find this sidecar (there is no namespace label here).
-    for name, wanted in (("job", JOB), ("instance", sc.admin_url.removeprefix("http://"))):
+    # The dashboard's variables find this sidecar.
+    wanted = {**TARGET_LABELS, "job": JOB, "pod": pod_name(sc)}
+    assert set(wanted) == set(FILTER_VARIABLES)
+    for name, value in wanted.items():
         values = await prom.api(f"label/{name}/values", **{"match[]": "sse_sidecar_build_info"})
-        assert wanted in values, (name, values)
+        assert values == [value], (name, values)
 
 
 async def alerts_on_this_traffic(prom: Prometheus) -> None:
-    """A third of the runs end with a forced terminal: the page-level burn-rate alert is pending
-    (its `for` is 2m), and the run whose producer died fires SSESidecarProducerLost at once."""
-
-    async def states() -> dict[str, str]:
-        alerts = (await prom.api("alerts"))["alerts"]
-        return {a["labels"]["alertname"]: a["state"] for a in alerts}
+    """Half of the runs end with a forced terminal: the page-level burn-rate rule (14.4x over 1h
+    and 5m) is pending (its `for` is 2m), and the run whose producer died fires
+    SSESidecarProducerLost at once."""
 
     async def alerting() -> bool:
-        now = await states()
+        now = await prom.active_alerts()
         return (
-            now.get("SSESidecarForcedTerminalBurnRateCritical") in ("pending", "firing")
-            and now.get("SSESidecarProducerLost") == "firing"
+            now.get(("SSESidecarForcedTerminalBurnRate", "critical")) in ("pending", "firing")
+            and now.get(("SSESidecarProducerLost", "warning")) == "firing"
         )
 
     await prom.until(alerting, "the burn-rate alert pending and SSESidecarProducerLost firing")
-    alerts = {a["labels"]["alertname"]: a for a in (await prom.api("alerts"))["alerts"]}
-    page = alerts["SSESidecarForcedTerminalBurnRateCritical"]
-    assert page["labels"]["job"] == JOB
-    assert page["annotations"]["runbook_url"].endswith("#ssesidecarforcedterminalburnratecritical")
-    # Nothing this traffic must not trigger.
-    for quiet in ("SSESidecarTargetDown", "SSESidecarTargetAbsent", "SSESidecarEventsDropped"):
-        assert quiet not in alerts, alerts[quiet]
+    alerts = (await prom.api("alerts"))["alerts"]
+    pages = [
+        a
+        for a in alerts
+        if a["labels"]["alertname"] == "SSESidecarForcedTerminalBurnRate"
+        and a["labels"]["severity"] == "critical"
+    ]
+    assert {(p["labels"]["long"], p["labels"]["short"]) for p in pages} >= {("1h", "5m")}
+    for page in pages:
+        assert (page["labels"]["namespace"], page["labels"]["job"]) == ("llm", JOB)
+        assert page["annotations"]["runbook_url"].endswith("#ssesidecarforcedterminalburnrate")
+    # Nothing this traffic must trigger.
+    names = {a["labels"]["alertname"] for a in alerts}
+    quiet = {
+        "SSESidecarTargetDown",
+        "SSESidecarTargetAbsent",
+        "SSESidecarJobDown",
+        "SSESidecarEventsDropped",
+        "SSESidecarRedisUnreachable",
+        "SSESidecarUpstreamUnreachable",
+        "SSESidecarProxyServerErrors",
+        "SSESidecarWriterBacklogHigh",
+    }
+    assert not names & quiet, names & quiet
 
 
 async def the_picture_renders(prom: Prometheus, tmp_path: Path) -> None:
     """scripts/render_dashboard.py (the README's picture) draws every panel from this data."""
-    spec = importlib.util.spec_from_file_location("render_dashboard", RENDER_SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
-    filters = {"namespace": ".*", "job": ".*", "instance": ".*"}
+    render = import_file(RENDER_SCRIPT)
     # The script is synchronous (urllib): in a thread, so that this loop keeps serving scrapes.
-    svg = await asyncio.to_thread(
-        render.render, render.Prometheus(prom.url), "2m", filters, time.time()
+    figure, drawn = await asyncio.to_thread(
+        render.render, render.Prometheus(prom.url), "2m", {}, time.time()
     )
-    root = ElementTree.fromstring(svg)
-    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
-    titles = {p["title"] for p in load_dashboard()["panels"]}
-    assert titles <= set(texts)
-    assert "No data" not in texts
-    (tmp_path / "dashboard.svg").write_text(svg)
+    titles = [p["title"] for p in load_dashboard()["panels"] if p["type"] != "row"]
+    assert [d.title for d in drawn] == titles
+    assert [d.title for d in drawn if not d.series] == [], "panels drawn with no data"
+    figure.savefig(tmp_path / "dashboard.png", dpi=40)
+    assert (tmp_path / "dashboard.png").read_bytes().startswith(b"\x89PNG")
 
 
 def _seconds(duration: str) -> float:
     return float(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
+
+
+async def test_outages_page_on_a_real_prometheus(
+    make_sidecar: SidecarFactory,
+    restartable_redis: RedisServer,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    prometheus_for: Callable[..., Awaitable[Prometheus]],
+) -> None:
+    """Two replicas of one deployment: `busy` tees streams under a 4 KiB writer bound, `idle`
+    has lost its upstream. Each outage makes its alert pending (their `for` is minutes: pending
+    is the rule's condition met, evaluated by Prometheus on the real series)."""
+    probe = {"redis_probe_seconds": 0.2, "redis_timeout_seconds": 0.5}
+    busy = await make_sidecar(redis_url=restartable_redis.url, writer_max_bytes=4096, **probe)
+    idle = await make_sidecar(
+        redis_url=restartable_redis.url, upstream_url=f"http://127.0.0.1:{free_port()}", **probe
+    )
+    prom = await prometheus_for(busy, idle)
+
+    # The LLM service is gone: every request through `idle` gets 502, as long as clients try.
+    async def request() -> None:
+        assert (await stream(http, idle.url + "/v1/agents/a/messages", json={})).status == 502
+
+    await prom.alerting(
+        ("SSESidecarUpstreamUnreachable", "critical"),
+        ("SSESidecarProxyServerErrors", "critical"),
+        meanwhile=request,
+    )
+
+    # Redis stops. Both probes say so, the idle replica's too: it never wrote anything.
+    restartable_redis.stop()
+
+    async def redis_down() -> bool:
+        return await prom.value(f'sum(sse_sidecar_redis_up{{job="{JOB}"}})') == 0
+
+    await prom.until(redis_down, "every replica's probe failing")
+    assert idle.metric("sse_sidecar_flushes_total", outcome="error") == 0
+    # `busy` streams on: its writer fills its configured bound, then drops.
+    upstream.sse(
+        "/v1/long/stream", [*(token("x" * 200) for _ in range(60)), stop("end_turn"), DONE]
+    )
+    view = await stream(http, busy.url + "/v1/long/stream", json={})
+    assert view.status == 200
+    assert len(view.events) == 62
+    assert busy.metric("sse_sidecar_writer_pending_bytes") > 0.8 * 4096
+    assert busy.metric("sse_sidecar_writer_dropped_events_total", reason="overflow") >= 10
+    await prom.alerting(
+        ("SSESidecarRedisUnreachable", "critical"),
+        ("SSESidecarWriterBacklogHigh", "warning"),
+        ("SSESidecarEventsDropped", "warning"),
+    )
+
+    # Redis is back: the probes say so, the backlog drains.
+    restartable_redis.start()
+
+    async def redis_back() -> bool:
+        return await prom.value(f'sum(sse_sidecar_redis_up{{job="{JOB}"}})') == 2
+
+    await prom.until(redis_back, "every replica's probe passing again")
+
+    # Every sidecar of the deployment stops: their targets are down, not gone, and that pages.
+    await busy.stop()
+    await idle.stop()
+    await prom.alerting(("SSESidecarTargetAbsent", "critical"), ("SSESidecarJobDown", "critical"))

@@ -26,6 +26,7 @@ from tests.functional.helpers import (
     eventually,
     meta,
     payloads,
+    scraped_value,
     stop,
     stored,
     token,
@@ -67,7 +68,7 @@ async def serve(
 ) -> AsyncIterator[ServeFactory]:
     started: list[Served] = []
 
-    async def start(drain_seconds: float) -> Served:
+    async def start(drain_seconds: float, *flags: str) -> Served:
         port, admin = free_port(), free_port()
         log = tmp_path / f"sidecar-{port}.log"
         with log.open("wb") as out:
@@ -90,6 +91,7 @@ async def serve(
                 str(drain_seconds),
                 "--log-format",
                 "text",
+                *flags,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
             )
@@ -231,3 +233,72 @@ async def test_during_the_drain_new_connections_are_refused_and_readyz_is_503(
     assert (await meta(redis_client, RunId(resp.headers["X-Sidecar-Run-Id"])))[
         "status"
     ] == "completed"
+
+
+async def test_the_final_counts_are_scraped_after_the_last_run_ended(
+    serve: ServeFactory,
+    upstream: Upstream,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The admin port outlives the drain and the flush (metrics_grace_seconds), so the scrape
+    after the run ended still reads its sidecar_shutdown and every other final count; that
+    scrape ends the grace."""
+    upstream.sse("/v1/chat", [token("a"), token("b"), HANG])
+    served = await serve(0.5, "--metrics-grace-seconds", "30")
+    async with http.post(served.url + "/v1/chat") as resp:
+        run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
+        reader = LiveReader(resp)
+        await reader.until(2)
+        served.sigterm()
+        await reader.rest(timeout=10)
+    assert reader.events[-1].data == "[DONE]"
+
+    async def final() -> bool:
+        return "serving the final counts on /metrics for up to 30.0s" in served.output()
+
+    # The drain is over and the writer has flushed: every count is final now.
+    await eventually(final, timeout=10, what="the sidecar to serve its final counts")
+    assert (await meta(redis_client, run_id))["forced_done"] == "sidecar_shutdown"
+    async with http.get(served.admin_url + "/metrics") as scrape:
+        assert scrape.status == 200
+        text = await scrape.text()
+    scrape_ended = time.monotonic()
+
+    def value(name: str, **labels: str) -> float:
+        return scraped_value(text, name, **labels)
+
+    assert value("sse_sidecar_forced_done_total", reason="sidecar_shutdown") == 1
+    assert value("sse_sidecar_forced_done_total") == 1
+    assert value("sse_sidecar_runs_started_total") == 1
+    assert value("sse_sidecar_runs_finished_total", status="failed", stop_reason="error") == 1
+    assert value("sse_sidecar_runs_finished_total") == 1
+    assert value("sse_sidecar_runs_active") == 0
+    assert value("sse_sidecar_stream_events_total") == 5  # a, b and the three synthesized
+    assert value("sse_sidecar_run_duration_seconds_count", status="failed") == 1
+    assert value("sse_sidecar_http_requests_total", route="proxy", code="200") == 1
+    assert value("sse_sidecar_writer_pending_events") == 0
+    assert value("sse_sidecar_writer_dropped_events_total") == 0
+    assert value("sse_sidecar_flushes_total", outcome="ok") >= 1
+    assert value("sse_sidecar_flushes_total", outcome="error") == 0
+    # That scrape read the final counts: the process exits without waiting out the 30 s.
+    assert await served.exit_code(10) == 0, served.output()
+    assert time.monotonic() - scrape_ended < 10
+
+
+async def test_without_a_scrape_the_metrics_grace_ends_after_its_seconds(
+    serve: ServeFactory, http: aiohttp.ClientSession
+) -> None:
+    served = await serve(0.5, "--metrics-grace-seconds", "1")
+    sent = time.monotonic()
+    served.sigterm()
+
+    async def final() -> bool:
+        return "serving the final counts" in served.output()
+
+    await eventually(final, timeout=10, what="the sidecar to serve its final counts")
+    async with http.get(served.admin_url + "/healthz") as resp:
+        assert resp.status == 200  # still up: the liveness probe must not kill it meanwhile
+    assert await served.exit_code(10) == 0, served.output()
+    assert time.monotonic() - sent >= 1.0
+    assert "no scrape read the final counts within 1.0s" in served.output()
