@@ -1,0 +1,1 @@
+"""The store boundary: the only package that talks to Redis (DESIGN.md "The store boundary")."""
