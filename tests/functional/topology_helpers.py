@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,3 +96,82 @@ class Producer:
 async def stored_seqs(client: Redis | RedisCluster, run: str) -> list[int]:
     entries: Any = await client.xrange(stream_key(run))
     return [int(entry_id.split(b"-")[0]) for entry_id, _ in entries]
+
+
+@dataclass
+class Traffic:
+    """Writes and blocked reads through a set of clients while a test changes the topology.
+
+    The writer appends ``n-0`` to stream ``s`` through the general client (optionally confirmed
+    by ``WAIT 1``: acknowledged only once a replica has it); the reader follows ``s`` with
+    ``XREAD BLOCK`` on the dedicated connection. Both record when things happened, and every
+    error that reached them (after redis-py's own retries).
+    """
+
+    general: Redis
+    blocker: Redis
+    wait_replica: bool = False
+    acked: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, n)
+    read: list[tuple[float, int]] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    unconfirmed: int = 0  # writes WAIT did not see on a replica (retried)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), 30)
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        name = f"{where}: {type(exc).__name__}"
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    async def _write(self) -> None:
+        n = 1
+        while not self._stop.is_set():
+            try:
+                async with self.general.pipeline(transaction=False) as pipe:
+                    pipe.execute_command("XADD", "s", f"{n}-0", "n", n)
+                    if self.wait_replica:
+                        pipe.execute_command("WAIT", 1, 200)
+                    replies: list[Any] = await pipe.execute(raise_on_error=False)
+            except (redis_errors.RedisError, OSError) as exc:
+                self._error("write", exc)
+                await asyncio.sleep(0.05)
+                continue
+            added = replies[0]
+            if isinstance(added, Exception) and "equal or smaller" not in str(added):
+                self._error("write", added)  # not "already written by a lost-reply attempt"
+                await asyncio.sleep(0.05)
+                continue
+            if self.wait_replica and (isinstance(replies[1], Exception) or replies[1] < 1):
+                self.unconfirmed += 1
+                await asyncio.sleep(0.05)
+                continue
+            self.acked.append((time.monotonic(), n))
+            n += 1
+            await asyncio.sleep(0.01)
+
+    async def _read(self) -> None:
+        last = "0-0"
+        while not self._stop.is_set():
+            try:
+                reply: Any = await self.blocker.xread({"s": last}, block=500)
+            except (redis_errors.RedisError, OSError) as exc:
+                self._error("read", exc)
+                await asyncio.sleep(0.05)
+                continue
+            for _, entries in reply or ():
+                for entry_id, _fields in entries:
+                    self.read.append((time.monotonic(), int(entry_id.split(b"-")[0])))
+                    last = entry_id
+
+    def longest_write_pause(self) -> float:
+        times = [t for t, _ in self.acked]
+        return max(b - a for a, b in itertools.pairwise(times))
+
+    def acked_after(self, moment: float) -> list[int]:
+        return [n for t, n in self.acked if t > moment]
