@@ -341,6 +341,9 @@ class RedisClusterTopology:
         for primary in self.primaries():
             with primary.client() as c:
                 c.flushall()
+        # Every node: a replica keeps the scripts it loaded while it was a primary.
+        for node in self.nodes:
+            with node.client() as c:
                 c.script_flush()
 
 

@@ -51,13 +51,14 @@ class Producer:
         want = {run: self.acked.get(run, 0) + n for run in runs}
         backoff = 0.02
         while todo := [r for r in runs if self.acked.get(r, 0) < want[r]]:
-            if await self._round(todo, want):
+            if await self.round(todo, want):
                 backoff = 0.02
             else:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 
-    async def _round(self, runs: list[str], want: dict[str, int]) -> bool:
+    async def round(self, runs: list[str], want: dict[str, int]) -> bool:
+        """One pipelined round trip; True if every run got to ``want``."""
         self.round_trips += 1
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -67,18 +68,19 @@ class Producer:
         except (redis_errors.RedisError, OSError) as exc:
             self._count(type(exc).__name__ + " (raised)")
             return False
-        ok = True
+        ok, noscript = True, False
         for run, reply in zip(runs, replies, strict=True):
             if isinstance(reply, Exception):
                 self._count(type(reply).__name__)
                 ok = False
-                if isinstance(reply, redis_errors.NoScriptError):
-                    await self.client.script_load(self.script)
+                noscript |= isinstance(reply, redis_errors.NoScriptError)
                 continue
             code = int(reply[0])
             self._count(f"code {code}")
             assert code == 0, f"append refused for {run}: {reply!r}"
             self.acked[run] = int(reply[3])
+        if noscript:  # a promoted replica, or a restarted node: load it (on every primary)
+            await self.client.script_load(self.script)
         return ok
 
     def _args(self, run: str, upto: int) -> list[Any]:
