@@ -34,10 +34,12 @@ def stream_key(run: str) -> str:
 
 @dataclass
 class Producer:
-    """Appends events ``seq`` 1, 2, ... to runs, ``data = f"{run}:{seq}"``, as the writer does."""
+    """Appends events ``seq`` 1, 2, ... to runs, ``data = f"{run}:{seq}"`` (then ``pad`` bytes
+    of filler), as the writer does."""
 
     client: Redis | RedisCluster
     script: str = TAIL_APPEND_SCRIPT
+    pad: int = 0
     acked: dict[str, int] = field(default_factory=dict)  # run -> last seq Redis confirmed
     replies: dict[str, int] = field(default_factory=dict)  # outcome -> count
     round_trips: int = 0
@@ -88,7 +90,7 @@ class Producer:
         args: list[Any] = [stream_key(run), stream_key(run) + ":meta"]
         args += ["producer-1", "1" if known == 0 else "0", 30000, 600000, 100000, known, 0]
         for seq in range(known + 1, upto + 1):
-            args += [seq, f"{run}:{seq}", 1, "false"]
+            args += [seq, f"{run}:{seq}" + "x" * self.pad, 1, "false"]
         return args
 
     def _count(self, outcome: str) -> None:
