@@ -328,6 +328,28 @@ class RedisClusterTopology:
         self.wait_healthy()
         return time.monotonic() - started
 
+    def node_id(self, node: Node) -> str:
+        return next(v.node_id for v in self.view() if v.port == node.port)
+
+    def start_migration(self, slot: int, source: Node, target: Node) -> None:
+        """Mark ``slot`` migrating from ``source`` to ``target`` (its keys still on source)."""
+        with target.client() as t:
+            command(t, "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        with source.client() as s:
+            command(s, "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+
+    def migrate_keys(self, source: Node, target: Node, *keys: str) -> None:
+        with source.client() as s:
+            command(s, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+
+    def finish_migration(self, slot: int, target: Node) -> None:
+        """Give ``slot`` to ``target`` on every primary; return once all nodes agree."""
+        target_id = self.node_id(target)
+        for primary in [target, *(p for p in self.primaries() if p is not target)]:
+            with primary.client() as c:
+                command(c, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_agreed(f"slot {slot} on {target.name}")
+
     def heal(self) -> None:
         for node in self.nodes:
             if not node.alive:

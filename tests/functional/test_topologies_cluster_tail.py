@@ -6,7 +6,7 @@ subscribed connection per primary."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -255,3 +255,51 @@ async def test_the_same_tail_serves_a_single_redis(redis_server: RedisServer) ->
     finally:
         await tail.close()
         await clients.aclose()
+
+
+async def test_a_slot_migration_is_followed_by_writes_and_the_tail(
+    redis_cluster: RedisClusterTopology,
+    cluster_clients: ClusterClients,
+    cluster_tail: tuple[ClusterTail, Collected],
+) -> None:
+    """Resharding a run's slot mid-stream: while only one of its two keys has moved, the append
+    script gets TRYAGAIN (redis-py retries, then gives up: ClusterError); once both moved, ASK
+    (redis-py follows it); when the slot is handed over, the old owner sunsubscribes the tail,
+    which subscribes on the new one."""
+    tail, got = cluster_tail
+    run, key = "migrating", stream_key("migrating")
+    producer = Producer(cluster_clients.general)
+    await producer.append([run], 2)
+    tail.follow(key, 0)
+    await delivered_everything(got, cluster_clients.general, [run], {run: 0})
+    general = cluster_clients.general
+    slot = general.keyslot(key)
+    source = redis_cluster.primary_for_key(key)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    await asyncio.to_thread(redis_cluster.start_migration, slot, source, target)
+    await producer.append([run], 1)  # keys still on the source: served there
+    await asyncio.to_thread(redis_cluster.migrate_keys, source, target, key)
+    tryagain = asyncio.create_task(producer.append([run], 1))
+    # redis-py resends on TRYAGAIN up to 16 times, 50 ms apart, then gives up with
+    # ClusterError("TTL exhausted"): the writer sees that, and retries.
+    await eventually(_replied(producer, "ClusterError"), what="TRYAGAIN for a split run")
+    await asyncio.to_thread(redis_cluster.migrate_keys, source, target, key + ":meta")
+    await tryagain  # both keys moved: ASK to the target, which redis-py follows
+    await producer.append([run], 1)
+    await asyncio.to_thread(redis_cluster.finish_migration, slot, target)
+    await producer.append([run], 2)
+    await delivered_everything(got, cluster_clients.general, [run], {run: 0})
+    assert got.seqs[key] == list(range(1, 8))
+    assert tail.stats.reroutes >= 1
+
+    async def on_target() -> bool:
+        return f"127.0.0.1:{target.port}" in tail.nodes
+
+    await eventually(on_target, what="the tail subscribed on the new owner")
+
+
+def _replied(producer: Producer, outcome: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return producer.replies.get(outcome, 0) > 0
+
+    return check
