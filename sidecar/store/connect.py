@@ -18,8 +18,9 @@ connections the sidecar keeps besides it.
   ``cluster_tail.py``).
 
 Retries: redis-py's ``Retry`` with ``ExponentialWithJitterBackoff`` on connection errors and
-timeouts. With Sentinel a retried connect asks the sentinels again, so a command issued while the
-primary fails over waits for the new one instead of failing (see README "Redis Sentinel").
+timeouts (``ClientOptions``). With Sentinel a retried connect asks the sentinels again, so a
+command issued while the primary fails over waits for the new one, within the retries (README
+"Redis Sentinel and Redis Cluster").
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from sidecar.store.url import (
     ClusterTarget,
@@ -52,9 +53,6 @@ from sidecar.store.url import (
     Tls,
 )
 
-# The reply Redis (6.2+) gives a blocked command when its server stops being a primary.
-_DEMOTED = "UNBLOCKED force unblock from blocking operation, instance state changed"
-
 
 @dataclass(frozen=True, slots=True)
 class ClientOptions:
@@ -62,8 +60,11 @@ class ClientOptions:
     timeout: float = 2.0  # socket reads and writes; the wait for a free pooled connection
     connect_timeout: float = 2.0
     # redis-py retries a command this many times on connection errors and timeouts, with
-    # exponential backoff and full jitter from backoff_base, capped at backoff_cap. Five
-    # retries at 0.1..1 s cover a Sentinel failover of 2-3 s (README "Redis Sentinel").
+    # exponential backoff and full jitter from backoff_base, capped at backoff_cap: about 2 s
+    # in all, enough for a blip or a planned failover. A dead primary takes longer to replace
+    # (down-after-milliseconds or cluster-node-timeout, plus an election), so the loops that
+    # must outlive it (writer, live tail, cancel listener) retry on their own. A cluster
+    # pipeline needs at least one retry: only a retry makes it learn the new slot map.
     retries: int = 5
     backoff_base: float = 0.1
     backoff_cap: float = 1.0
@@ -143,29 +144,16 @@ class SingleClients:
 
 
 class _PrimaryConnection(SentinelManagedConnection):
-    """A connection to the primary that Sentinel names, fixing two gaps of redis-py 8:
-
-    - a connection that dropped and is used again (a retried command, a single-connection
-      client) reconnects to the address it had, not through the sentinels (redis-py #3874), so
-      after a failover it keeps reaching the old primary: reconnect through ``connect()``;
-    - Redis unblocks a blocked command with an ``UNBLOCKED`` error when its server turns into a
-      replica: like redis-py's handling of ``READONLY``, drop the connection and raise a
-      ConnectionError, so that the retry asks the sentinels again.
-    """
+    """A connection to the primary that Sentinel names. In redis-py 8 a connection that dropped
+    and is used again (a retried command, a single-connection client) reconnects to the address
+    it had, not through the sentinels (redis-py #3874): after a failover it would keep reaching
+    the old primary, now a replica (which still serves reads). Reconnect through ``connect()``,
+    which asks the sentinels."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         if not self.is_connected:
             await self.connect()  # type: ignore[no-untyped-call]
         await super().send_packed_command(command, check_health)
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except ResponseError as exc:
-            if not str(exc).startswith(_DEMOTED):
-                raise
-            await self.disconnect()
-            raise ConnectionError("the primary turned into a replica") from exc
 
 
 class _PrimarySSLConnection(_PrimaryConnection, SSLConnection):

@@ -261,3 +261,32 @@ async def test_the_general_client_is_bounded(sentinel_set: SentinelTopology) -> 
         assert len(ours) <= 2
     finally:
         await built.aclose()
+
+
+@pytest.mark.slow
+async def test_without_the_watch_a_blocked_reader_leaves_the_old_primary_when_it_is_converted(
+    failover_sentinel: SentinelTopology, clients: SentinelClients
+) -> None:
+    """When the sentinels convert the old primary they kill its clients (CLIENT KILL TYPE
+    normal): the blocked XREAD fails, and its retry reconnects through the sentinels (not to the
+    address it had: redis-py #3874), so it ends on the new primary, not on the replica."""
+    blocker = clients.dedicated(socket_timeout=None)
+    try:
+        await blocker.ping()
+        old = failover_sentinel.primary()
+
+        async def read() -> Any:
+            return await blocker.xread({"s": "$"}, block=0)
+
+        reading = asyncio.create_task(read())
+        await asyncio.sleep(0.2)
+        new, _ = await asyncio.to_thread(failover_sentinel.failover)
+        await asyncio.to_thread(failover_sentinel.wait_healthy)  # the old primary converted
+        await clients.general.xadd("s", {"n": 1}, id="1-0")
+        reply: Any = await asyncio.wait_for(reading, 10)
+        assert reply[0][1][0][0] == b"1-0"
+        assert blocker.connection is not None
+        assert blocker.connection.port == new.port
+        assert old.role() == "slave"
+    finally:
+        await blocker.aclose()
