@@ -240,6 +240,8 @@ class ClusterTail:
                     continue
             while self._unsubscribe:
                 link, channel = self._unsubscribe.pop()
+                if self._links.get(link.node) is not link:
+                    continue  # dropped meanwhile: its subscriptions went with its connection
                 with contextlib.suppress(RedisError, OSError):
                     await link.pubsub.execute_command("SUNSUBSCRIBE", channel)
             if not await self._route():
