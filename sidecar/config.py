@@ -14,13 +14,16 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.dialects.routes import Routes, parse_routes
+from sidecar.store.url import parse_redis_url
 
 ENV_PREFIX = "SSE_SIDECAR_"
-_REDIS_SCHEMES = {"redis", "rediss", "unix"}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # Inputs stay out of error messages: a bad Redis URL must not print its password.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     upstream_url: str = Field(
         "http://127.0.0.1:8283",
@@ -28,7 +31,8 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis to tee streams into (redis://, rediss:// or unix://).",
+        description="Redis to tee streams into: redis://, rediss://, unix://, "
+        "redis+sentinel://h:p[,h:p]/master[/db], redis+cluster://h:p[,h:p] (rediss+... for TLS).",
     )
     host: str = Field("0.0.0.0", description="Address the traffic and admin ports bind to.")
     port: int = Field(8080, ge=0, le=65535, description="Traffic port: proxy and replay API.")
@@ -159,11 +163,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in _REDIS_SCHEMES:
-            raise ValueError(
-                f"must start with one of {sorted(s + '://' for s in _REDIS_SCHEMES)}, got {value!r}"
-            )
+        parse_redis_url(value)  # its ValueError says what is wrong, without the password
         return value
 
     @field_validator("dialect_routes")

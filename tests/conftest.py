@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -24,11 +23,10 @@ from sidecar.config import Settings
 from sidecar.demo.upstream import create_upstream_app
 from sidecar.telemetry import Metrics
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Redis Cluster and Sentinel fixtures (redis_cluster, sentinel_set, failover_sentinel).
+pytest_plugins = ["tests.topologies"]
+pytest.register_assert_rewrite("tests.topologies")
+from tests.topologies import free_port as free_port  # noqa: E402  (tests import it from here)
 
 
 class RedisServer:

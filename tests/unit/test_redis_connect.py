@@ -1,0 +1,122 @@
+"""sidecar/store/connect.py: each target becomes the redis-py clients it should, with its auth,
+TLS, bounds and retries where they belong (data nodes vs sentinels). No I/O: building the
+clients does not connect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+
+from sidecar.store.connect import (
+    BlockingSentinelConnectionPool,
+    ClientOptions,
+    ClusterClients,
+    SentinelClients,
+    SingleClients,
+    connect,
+)
+from sidecar.store.url import parse_redis_url
+
+OPTIONS = ClientOptions(max_connections=5, timeout=1.5, connect_timeout=0.7, retries=4)
+
+
+def kwargs_of(pool: ConnectionPool) -> dict[str, Any]:
+    return dict(pool.connection_kwargs)
+
+
+async def test_a_single_tls_redis_gets_a_bounded_blocking_pool_with_its_tls_and_auth() -> None:
+    url = "rediss://app:pw@redis.internal:6380/2?ssl_ca_certs=/ca.pem&ssl_cert_reqs=optional"
+    clients = connect(parse_redis_url(url), OPTIONS)
+    assert isinstance(clients, SingleClients)
+    pool = clients.general.connection_pool
+    assert isinstance(pool, BlockingConnectionPool)
+    assert pool.max_connections == 5
+    assert pool.timeout == 1.5
+    assert pool.connection_class is SSLConnection
+    kw = kwargs_of(pool)
+    assert (kw["host"], kw["port"], kw["db"]) == ("redis.internal", 6380, 2)
+    assert (kw["username"], kw["password"]) == ("app", "pw")
+    assert (kw["ssl_ca_certs"], kw["ssl_cert_reqs"], kw["ssl_check_hostname"]) == (
+        "/ca.pem",
+        "optional",
+        True,
+    )
+    assert (kw["socket_timeout"], kw["socket_connect_timeout"]) == (1.5, 0.7)
+    assert kw["retry"].get_retries() == 4
+    dedicated = clients.dedicated(socket_timeout=None)
+    assert dedicated.single_connection_client
+    assert kwargs_of(dedicated.connection_pool)["socket_timeout"] is None
+    assert dedicated.connection_pool.connection_class is SSLConnection
+    pubsub = clients.pubsub()
+    # A subscribed connection is never retried by redis-py: its owner resubscribes.
+    assert kwargs_of(pubsub.connection_pool)["retry"].get_retries() == 0
+    await dedicated.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await clients.aclose()
+
+
+async def test_a_unix_socket_redis() -> None:
+    clients = connect(parse_redis_url("unix://:pw@/run/redis.sock?db=3"), OPTIONS)
+    assert isinstance(clients, SingleClients)
+    pool = clients.general.connection_pool
+    assert pool.connection_class is UnixDomainSocketConnection
+    kw = kwargs_of(pool)
+    assert (kw["path"], kw["db"], kw["password"]) == ("/run/redis.sock", 3, "pw")
+    await clients.aclose()
+
+
+async def test_sentinel_auth_and_tls_go_to_the_sentinels_and_the_data_nodes_separately() -> None:
+    url = (
+        "rediss+sentinel://:data-pw@s1:26379,s2:26380/mymaster/4"
+        "?sentinel_password=sent-pw&ssl_ca_certs=/ca.pem"
+    )
+    clients = connect(parse_redis_url(url), OPTIONS)
+    assert isinstance(clients, SentinelClients)
+    pool = clients.general.connection_pool
+    assert isinstance(pool, BlockingSentinelConnectionPool)
+    assert isinstance(pool, BlockingConnectionPool)  # waits for a connection at the bound
+    assert pool.max_connections == 5
+    assert pool.service_name == "mymaster"
+    assert issubclass(pool.connection_class, SSLConnection)
+    kw = kwargs_of(pool)
+    assert (kw["password"], kw["db"], kw["ssl_ca_certs"]) == ("data-pw", 4, "/ca.pem")
+    sentinels = clients.sentinel.sentinels
+    assert [kwargs_of(s.connection_pool)["port"] for s in sentinels] == [26379, 26380]
+    for sentinel in sentinels:
+        skw = kwargs_of(sentinel.connection_pool)
+        assert skw["password"] == "sent-pw"
+        assert sentinel.connection_pool.connection_class is SSLConnection
+    await clients.aclose()
+
+
+async def test_sentinels_can_stay_on_plain_tcp_while_the_data_nodes_use_tls() -> None:
+    url = "rediss+sentinel://s1/m?sentinel_ssl=false"
+    clients = connect(parse_redis_url(url), OPTIONS)
+    assert isinstance(clients, SentinelClients)
+    assert issubclass(clients.general.connection_pool.connection_class, SSLConnection)
+    (sentinel,) = clients.sentinel.sentinels
+    assert not issubclass(sentinel.connection_pool.connection_class, SSLConnection)
+    assert kwargs_of(sentinel.connection_pool).get("password") is None
+    await clients.aclose()
+
+
+async def test_a_cluster_gets_its_startup_nodes_a_per_node_bound_and_a_slot_semaphore() -> None:
+    url = "rediss+cluster://u:pw@n1:7000,n2:7001?ssl_cert_reqs=none"
+    clients = connect(parse_redis_url(url), OPTIONS)
+    assert isinstance(clients, ClusterClients)
+    cluster = clients.general
+    startup = cluster.nodes_manager.startup_nodes
+    assert sorted(startup) == ["n1:7000", "n2:7001"]
+    node_kwargs = next(iter(startup.values())).connection_kwargs
+    assert (node_kwargs["username"], node_kwargs["password"]) == ("u", "pw")
+    assert node_kwargs["ssl_cert_reqs"] == "none"
+    assert next(iter(startup.values())).max_connections == 5
+    assert cluster.retry.get_retries() == 4
+    assert clients.slots._value == 5
+    pubsub = clients.node_pubsub("n1", 7000)
+    assert pubsub.connection_pool.connection_class is SSLConnection
+    assert kwargs_of(pubsub.connection_pool)["retry"].get_retries() == 0
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await clients.aclose()
