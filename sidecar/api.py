@@ -19,12 +19,18 @@ from aiohttp import web
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from sidecar.auth import Authorizer, Verdict
+from sidecar.auth import Authorizer, Grant, Verdict
 from sidecar.errors import InvalidRunId
 from sidecar.follow import Follower
 from sidecar.keys import Keys, RunId, validate_run_id
 from sidecar.proxy import json_error
-from sidecar.replay import Replayer, ReplayError, params_from_body, params_from_query
+from sidecar.replay import (
+    Replayer,
+    ReplayError,
+    ensure_generation,
+    params_from_body,
+    params_from_query,
+)
 from sidecar.runs import RunMeta, RunRegistry
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause
@@ -35,7 +41,7 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT_SECONDS = 5.0
 
 _OUTCOME_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found"}
-_OUTCOME_BY_STATUS |= {410: "gone", 503: "unavailable"}
+_OUTCOME_BY_STATUS |= {408: "bad_request", 410: "gone", 413: "bad_request", 503: "unavailable"}
 
 
 def status_body(meta: RunMeta) -> dict[str, Any]:
@@ -76,6 +82,7 @@ class Api:
         metrics: Metrics,
         *,
         cancel_channel: str,
+        body_idle_seconds: float,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -85,6 +92,7 @@ class Api:
         self._auth = authorizer
         self._m = metrics
         self._cancel_channel = cancel_channel
+        self._body_idle = body_idle_seconds
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -104,11 +112,16 @@ class Api:
 
     async def _replay(self, request: web.Request, *, post: bool) -> web.StreamResponse:
         try:
-            run_id = self._authorized(request)
-            params = await params_from_body(request) if post else params_from_query(request)
-            return await self._replayer.stream(request, run_id, params)
+            run_id, grant = self._authorized(request)
+            if post:
+                params = await params_from_body(request, self._body_idle)
+            else:
+                params = params_from_query(request)
+            return await self._replayer.stream(request, run_id, params, grant)
         except ReplayError as exc:
             self._m.replay_requests.labels(_OUTCOME_BY_STATUS.get(exc.status, "error")).inc()
+            if exc.status == 408:
+                self._m.bad_requests.labels("body_timeout").inc()
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
         except (redis_errors.RedisError, OSError) as exc:
             self._m.redis_errors.labels("replay").inc()
@@ -118,46 +131,50 @@ class Api:
     async def _guarded(
         self,
         request: web.Request,
-        handler: Callable[[RunId], Awaitable[web.StreamResponse]],
+        handler: Callable[[RunId, Grant], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         try:
-            return await handler(self._authorized(request))
+            return await handler(*self._authorized(request))
         except ReplayError as exc:
             return json_error(exc.status, exc.type, str(exc), **exc.extra)
         except (redis_errors.RedisError, OSError) as exc:
             self._m.redis_errors.labels("api").inc()
             return json_error(503, "redis_unavailable", f"cannot read the run: {exc}")
 
-    def _authorized(self, request: web.Request) -> RunId:
-        """The validated run id, once the caller may touch that run (before any key is built)."""
+    def _authorized(self, request: web.Request) -> tuple[RunId, Grant]:
+        """The validated run id, once the caller may touch that run (before any key is built),
+        and the generation of it that the caller's token opens."""
         try:
             run_id = validate_run_id(request.match_info["run_id"])
         except InvalidRunId as exc:
             raise ReplayError(400, "invalid_run_id", str(exc)) from None
-        verdict = self._auth.check(request, run_id)
-        if verdict is Verdict.OTHER_RUN:
+        grant = self._auth.check(request, run_id)
+        if grant.verdict is Verdict.OTHER_RUN:
             raise ReplayError(403, "forbidden", "this token is for another run")
-        if verdict is not Verdict.ALLOWED:
+        if grant.verdict is not Verdict.ALLOWED:
             raise ReplayError(
-                401, "unauthorized", f"a valid bearer token is required ({verdict.value})"
+                401, "unauthorized", f"a valid bearer token is required ({grant.verdict.value})"
             )
-        return run_id
+        return run_id, grant
 
-    async def _status(self, run_id: RunId) -> web.StreamResponse:
+    async def _status(self, run_id: RunId, grant: Grant) -> web.StreamResponse:
         meta = await self._replayer.meta(run_id)
         if meta is None:
             raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+        ensure_generation(grant, meta.generation)
         return web.json_response(status_body(meta))
 
-    async def _cancel(self, run_id: RunId) -> web.StreamResponse:
+    async def _cancel(self, run_id: RunId, grant: Grant) -> web.StreamResponse:
         local = self._runs.get(run_id)
         if local is not None:
+            ensure_generation(grant, local.generation)
             local.cancel(EndCause.CANCELLED)
             await asyncio.wait_for(local.wait(), CANCEL_WAIT_SECONDS)
             return await self._after_cancel(run_id)
         meta = await self._replayer.meta(run_id)
         if meta is None:
             raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+        ensure_generation(grant, meta.generation)
         if meta.status != "running":
             raise ReplayError(
                 409, "run_finished", f"run {run_id!r} already ended", run_status=meta.status

@@ -37,6 +37,7 @@ from sidecar.keys import Keys
 from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, RunRegistry
+from sidecar.server import TrafficRunner
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause
 from sidecar.tracing import exemplar, tracer_of, tracer_provider_from_env
@@ -197,6 +198,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         authorizer,
         metrics,
         cancel_channel=keys.cancel_channel,
+        body_idle_seconds=s.request_body_idle_timeout_seconds,
     )
     try:
         yield
@@ -324,8 +326,10 @@ async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
     grace = settings.drain_seconds + FLUSH_DEADLINE_SECONDS + 5.0
     # handler_cancellation: a client that leaves cancels its handler, which is how a tee learns
     # of it while the upstream is silent (and a passthrough request stops at once).
-    runner = web.AppRunner(
+    runner = TrafficRunner(
         app,
+        settings,
+        app[METRICS],
         handle_signals=False,
         shutdown_timeout=grace,
         access_log=None,

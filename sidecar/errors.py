@@ -7,10 +7,14 @@ foreign library, so callers handle one small tree::
     ├── InvalidRunId          a run id that does not match [A-Za-z0-9._:-]{1,128}
     ├── RunConflict           another producer holds a live lease on the run (HTTP 409)
     ├── RequestTooLarge       a request body over the configured limit (HTTP 413)
+    ├── BodyTimeout           a client went silent while sending a request body (HTTP 408)
     ├── SSEError
     │   └── EventTooLarge     one upstream event exceeded max_event_bytes
+    ├── RunExists             a client-chosen run id whose keys still exist (HTTP 409)
     └── UpstreamError         the upstream could not be reached or failed mid-response
-        └── UpstreamTimeout   ... because a connect or read deadline passed
+        ├── UpstreamTimeout   ... because a connect or read deadline passed
+        ├── CorruptEncoding   its compressed body cannot be decoded
+        └── DecompressedTooLarge  its compressed body decodes past max_decompressed_bytes
 """
 
 from __future__ import annotations
@@ -36,10 +40,26 @@ class RunConflict(SidecarError):
         self.producer = producer
 
 
+class RunExists(SidecarError):
+    """The run id names a stored run, and the reuse policy does not replace it."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} is stored already: a new run needs a new run id")
+        self.run_id = run_id
+
+
 class RequestTooLarge(SidecarError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds the limit of {limit} bytes")
         self.limit = limit
+
+
+class BodyTimeout(SidecarError):
+    def __init__(self, idle_seconds: float) -> None:
+        super().__init__(
+            f"no request body bytes for {idle_seconds:g}s (request_body_idle_timeout_seconds)"
+        )
+        self.idle_seconds = idle_seconds
 
 
 class SSEError(SidecarError):
@@ -61,3 +81,18 @@ class UpstreamError(SidecarError):
 
 class UpstreamTimeout(UpstreamError):
     """A connect or read deadline passed while waiting for the upstream."""
+
+
+class CorruptEncoding(UpstreamError):
+    def __init__(self, coding: str, why: str) -> None:
+        super().__init__(f"cannot decode the upstream's {coding} body: {why}")
+        self.coding = coding
+
+
+class DecompressedTooLarge(UpstreamError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the upstream's compressed body decodes to more than max_decompressed_bytes "
+            f"({limit} bytes)"
+        )
+        self.limit = limit

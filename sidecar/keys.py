@@ -29,6 +29,12 @@ def new_run_id() -> RunId:
     return RunId(f"run-{uuid.uuid4()}")
 
 
+def new_generation() -> str:
+    """Names one run stored under a run id: a reused id is a new generation (per-run tokens
+    open one generation only)."""
+    return uuid.uuid4().hex[:16]
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "sse:run:"

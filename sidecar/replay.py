@@ -25,8 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from sidecar.auth import Grant
+from sidecar.errors import BodyTimeout, RequestTooLarge
 from sidecar.follow import Entry, Follower, parse_entry
 from sidecar.keys import Keys, RunId
+from sidecar.request_body import read_body
 from sidecar.runs import RunMeta, end_orphaned_run, read_meta
 from sidecar.sse import encode_comment, encode_event
 from sidecar.telemetry import Metrics
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 100
 MAX_BATCH = 10_000
 MAX_CURSOR = 10**18 - 1  # what fits the header and query forms (18 digits)
+MAX_BODY_BYTES = 64 << 10  # a replay body is four small fields
 PING_COMMENT = encode_comment(" ping")
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -110,9 +114,22 @@ def params_from_query(request: web.Request) -> ReplayParams:
     return ReplayParams(cursor, pings, batch)
 
 
-async def params_from_body(request: web.Request) -> ReplayParams:
+def ensure_generation(grant: Grant, generation: str | None) -> None:
+    """A per-run token opens the one generation of the run it was issued for."""
+    if not grant.admits(generation):
+        raise ReplayError(
+            403, "forbidden", "this token is for an earlier run that had the same run id"
+        )
+
+
+async def params_from_body(request: web.Request, idle_seconds: float) -> ReplayParams:
     """POST (Letta's form): the JSON body; a ``Last-Event-ID`` header still wins."""
-    raw = await request.read()
+    try:
+        raw = await read_body(request, idle_seconds, MAX_BODY_BYTES)
+    except BodyTimeout as exc:
+        raise ReplayError(408, "request_timeout", str(exc)) from None
+    except RequestTooLarge as exc:
+        raise ReplayError(413, "request_too_large", str(exc)) from None
     try:
         body = ReplayBody.model_validate_json(raw or b"{}")
     except ValueError as exc:
@@ -181,12 +198,13 @@ class Replayer:
         return meta.lease_until_ms is not None and meta.lease_until_ms < time.time() * 1000
 
     async def stream(
-        self, request: web.Request, run_id: RunId, params: ReplayParams
+        self, request: web.Request, run_id: RunId, params: ReplayParams, grant: Grant
     ) -> web.StreamResponse:
         """Validate against the stored run, then stream; refusals raise ``ReplayError``."""
         meta = await self.meta(run_id)
         if meta is None:
             raise ReplayError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+        ensure_generation(grant, meta.generation)
         cursor = params.starting_after
         key = self._keys.stream(run_id)
         head: Any = await self._redis.xrange(key, "-", "+", count=1)

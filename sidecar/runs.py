@@ -73,6 +73,7 @@ class RunMeta:
     trace_id: str | None
     incomplete: str | None
     trimmed_events: int
+    generation: str | None = None  # set when the run started; a reused run id gets a new one
 
     @classmethod
     def from_hash(cls, run_id: str, raw: dict[Any, Any]) -> RunMeta:
@@ -98,6 +99,7 @@ class RunMeta:
             trace_id=h.get("trace_id") or None,
             incomplete=h.get("incomplete") or None,
             trimmed_events=num("trimmed_events") or 0,
+            generation=h.get("generation") or None,
         )
 
 
@@ -114,6 +116,9 @@ class ActiveRun(Protocol):
 
     @property
     def stream(self) -> RunStream: ...
+
+    @property
+    def generation(self) -> str: ...
 
     def cancel(self, cause: EndCause) -> None: ...
 

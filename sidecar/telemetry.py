@@ -43,6 +43,12 @@ REPLAY_OUTCOMES = (
     "unavailable",
     "slow_reader",
 )
+UPSTREAM_REJECTIONS = (
+    "unsupported_encoding",
+    "corrupt_encoding",
+    "decompressed_bytes",
+    "event_bytes",
+)
 
 
 class Metrics:
@@ -170,6 +176,32 @@ class Metrics:
             buckets=_HTTP_BUCKETS,
             registry=r,
         )
+        self.upstream_rejected = Counter(
+            p + "upstream_rejected_total",
+            "Upstream event streams refused or cut for breaking a bound, by reason "
+            "(unsupported_encoding, corrupt_encoding, decompressed_bytes, event_bytes).",
+            ["reason"],
+            registry=r,
+        )
+        self.live_clients_cut = Counter(
+            p + "live_clients_cut_total",
+            "Live clients disconnected for not reading, by reason (buffer, write_timeout).",
+            ["reason"],
+            registry=r,
+        )
+        self.run_id_reuse = Counter(
+            p + "run_id_reuse_total",
+            "Teed responses whose run id named a stored run, by outcome (refused, replaced).",
+            ["outcome"],
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            p + "bad_requests_total",
+            "Requests refused before any route saw them, or cut while their body was read, by "
+            "reason (malformed, header_timeout, body_timeout).",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Info(p + "build", "Version of the running sidecar.", registry=r)
         self.build_info.info({"version": __version__})
         self._zero_known_series()
@@ -189,6 +221,14 @@ class Metrics:
             self.redis_errors.labels(operation)
         for outcome in REPLAY_OUTCOMES:
             self.replay_requests.labels(outcome)
+        for rejected in UPSTREAM_REJECTIONS:
+            self.upstream_rejected.labels(rejected)
+        for cut in ("buffer", "write_timeout"):
+            self.live_clients_cut.labels(cut)
+        for reuse in ("refused", "replaced"):
+            self.run_id_reuse.labels(reuse)
+        for bad in ("malformed", "header_timeout", "body_timeout"):
+            self.bad_requests.labels(bad)
         self.runs_started.labels("proxy")
         # Without these, the first run of each kind after a restart is invisible to increase(),
         # while its forced_done (pre-created above) is not: the forced ratio would spike.

@@ -32,7 +32,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from sidecar.background import Background
-from sidecar.errors import RunConflict
+from sidecar.errors import RunConflict, RunExists
 from sidecar.keys import Keys, RunId
 from sidecar.telemetry import Metrics
 from sidecar.tracing import exemplar
@@ -43,7 +43,7 @@ APPEND_SCRIPT = resources.files("sidecar").joinpath("append.lua").read_text()
 APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
 # Replies that mean the run can never be written again (another producer owns it, or its seq
 # numbers are broken); later meta updates of such a run are ignored too.
-_FATAL = {-1: "conflict", -2: "fenced", -3: "gap"}
+_FATAL = {-1: "conflict", -2: "fenced", -3: "gap", -4: "conflict"}
 
 # Per-run script failures that are not connection errors (e.g. OOM) are retried this many times
 # before the run's buffered events are dropped, so one poisoned key cannot block the rest forever.
@@ -78,6 +78,8 @@ class RunStream:
     written_seq: int = 0  # the last seq Redis confirmed
     span_context: SpanContext | None = None  # the run's sse.run span, for flush span links
     pending_bytes: int = 0
+    replace: bool = True  # may the claim replace a finished run stored under this id?
+    replaced: bool = False  # the claim did replace one
     dropped: str | None = None  # why this run's events are no longer stored, once they are not
     fenced: bool = False  # nothing of this run can be written any more, meta included
     failures: int = 0
@@ -161,10 +163,13 @@ class Writer:
         producer: str,
         meta: Mapping[str, str],
         span_context: SpanContext | None = None,
+        *,
+        replace: bool = True,
     ) -> RunStream:
         """Claim ``run_id`` for ``producer`` and write its initial meta in one round trip.
 
-        Raises ``RunConflict`` when another producer holds a live lease on the run. When Redis
+        Raises ``RunConflict`` when another producer holds a live lease on the run, and
+        ``RunExists`` when ``replace`` is false and a run is stored under the id. When Redis
         cannot be reached the run is still opened: the claim travels with its first write, so a
         Redis outage never blocks the live stream.
         """
@@ -174,6 +179,7 @@ class Writer:
             self._keys.stream(run_id),
             self._keys.meta(run_id),
             span_context=span_context,
+            replace=replace,
         )
         try:
             reply = await asyncio.wait_for(
@@ -192,9 +198,12 @@ class Writer:
         code = int(reply[0])
         if code == -1:
             raise RunConflict(run_id, redis_text(reply[1]))
+        if code == -4:
+            raise RunExists(run_id)
         if code != 0:
             raise RuntimeError(f"unexpected claim reply {reply!r}")
         run.claimed = True
+        run.replaced = int(reply[4]) == 1
         return run
 
     def append(
@@ -419,7 +428,7 @@ class Writer:
     ) -> list[Any]:
         args: list[Any] = [
             run.producer,
-            "1" if claim else "0",
+            ("1" if run.replace else "2") if claim else "0",
             self._lease_ms,
             self._ttl_ms,
             self._maxlen,

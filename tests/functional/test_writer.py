@@ -182,12 +182,12 @@ async def test_append_script_retried_with_the_same_batch_stores_each_seq_once(
     # producer, claim, lease_ms, ttl_ms, maxlen, known_last, nmeta, meta pairs, event quads
     head = ["prod-a", "1", "30000", "60000", "100000", 0, 1, "status", "running"]
     batch = [*head, *quad(1), *quad(2)]
-    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2]
+    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2, 0]
     # The reply was "lost": the same batch again (the writer would still send claim=1).
-    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2]
+    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2, 0]
     # A later retry that overlaps: only the new seq is added.
     again = ["prod-a", "0", "30000", "60000", "100000", 2, 0, *quad(2), *quad(3)]
-    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3]
+    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3, 0]
     rows = await stored(redis_client, run_id)
     assert seqs(rows) == [1, 2, 3]
     assert [r["id"] for r in rows] == ["1-0", "2-0", "3-0"]
