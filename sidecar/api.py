@@ -6,6 +6,7 @@
 | ``POST /sidecar/v1/runs/{run_id}/stream`` and ``/v1/runs/{run_id}/stream`` | replay, Letta body |
 | ``GET /sidecar/v1/runs/{run_id}`` | status JSON |
 | ``POST /sidecar/v1/runs/{run_id}/cancel`` | cancel, wherever the run is produced |
+| ``GET /sidecar/v1/openapi.json`` | the OpenAPI document of these routes (``sidecar.openapi``) |
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -23,6 +25,7 @@ from sidecar.auth import Authorizer, Grant, Verdict
 from sidecar.errors import InvalidRunId
 from sidecar.follow import Follower
 from sidecar.keys import Keys, RunId, validate_run_id
+from sidecar.openapi import openapi_document
 from sidecar.proxy import json_error
 from sidecar.replay import (
     Replayer,
@@ -67,6 +70,7 @@ ROUTES = (
     ("POST", "/v1/runs/{run_id}/stream", "replay_post", "letta_replay"),
     ("GET", "/sidecar/v1/runs/{run_id}", "status", "status"),
     ("POST", "/sidecar/v1/runs/{run_id}/cancel", "cancel", "cancel"),
+    ("GET", "/sidecar/v1/openapi.json", "openapi", "openapi"),
 )
 
 
@@ -93,6 +97,7 @@ class Api:
         self._m = metrics
         self._cancel_channel = cancel_channel
         self._body_idle = body_idle_seconds
+        self._openapi = orjson.dumps(openapi_document(auth=authorizer.enabled))
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -107,6 +112,9 @@ class Api:
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(request, self._cancel)
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self._openapi, content_type="application/json")
 
     # -- internals ---------------------------------------------------------------------------
 

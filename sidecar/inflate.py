@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 from sidecar.errors import CorruptEncoding, DecompressedTooLarge
 
 # What one decoding step may produce: small enough that relaying its events takes a few
 # milliseconds, large enough that a legitimate stream costs few steps.
-PIECE_BYTES = 32 << 10
+PIECE_BYTES = 16 << 10
 
 _GZIP = 16 + zlib.MAX_WBITS  # gzip header and trailer
 _ZLIB = zlib.MAX_WBITS  # HTTP's "deflate" is the zlib format (RFC 9110 section 8.4.1.2)
@@ -71,7 +72,8 @@ class Inflater:
         """The decoded pieces of ``data``, each at most ``piece_bytes`` long.
 
         Raises ``DecompressedTooLarge`` (after yielding exactly ``max_bytes`` in all) and
-        ``CorruptEncoding`` (bad compressed data); either way the stream cannot go on.
+        ``CorruptEncoding`` (after yielding what decoded before the first bad byte); either way
+        the stream cannot go on.
         """
         if self._z is None:
             if data:
@@ -88,20 +90,39 @@ class Inflater:
                 if self._coding == "deflate":
                     raise CorruptEncoding(self._coding, "data after the end of the stream")
                 self._z = zlib.decompressobj(WBITS[self._coding])
+            before = self._z.copy()
             try:
                 out = self._z.decompress(pending, self._piece)
             except zlib.error as exc:
+                # zlib drops what a failing call decoded: what came before the bad byte was
+                # sent all the same, so find it byte by byte from the state before the call.
+                yield from self._salvage(before, pending)
                 raise CorruptEncoding(self._coding, str(exc)) from None
             pending = self._z.unconsumed_tail
-            if out:
-                room = self._max - self._total
-                if len(out) > room:
-                    self._total = self._max
-                    if room:
-                        yield out[:room]
-                    raise DecompressedTooLarge(self._max)
-                self._total += len(out)
-                yield out
+            yield from self._counted(out)
             # A full piece may mean zlib holds more output even with no input left.
             if not pending and len(out) < self._piece and not self._z.eof:
                 return
+
+    def _counted(self, out: bytes) -> Iterator[bytes]:
+        if not out:
+            return
+        room = self._max - self._total
+        if len(out) > room:
+            self._total = self._max
+            if room:
+                yield out[:room]
+            raise DecompressedTooLarge(self._max)
+        self._total += len(out)
+        yield out
+
+    def _salvage(self, z: Any, data: bytes) -> Iterator[bytes]:
+        for i in range(len(data)):
+            tail = data[i : i + 1]
+            while tail:
+                try:
+                    out = z.decompress(tail, self._piece)
+                except zlib.error:
+                    return
+                tail = z.unconsumed_tail
+                yield from self._counted(out)

@@ -16,7 +16,8 @@ from sidecar.errors import InvalidRunId
 
 RunId = NewType("RunId", str)
 
-_RUN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+RUN_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+_RUN_ID = re.compile(RUN_ID_PATTERN)
 
 
 def validate_run_id(value: str) -> RunId:

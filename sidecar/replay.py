@@ -15,13 +15,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -50,6 +50,15 @@ SSE_HEADERS = {
 }
 
 
+def _integral(value: Any) -> Any:
+    # JSON has numbers, not ints: 5.0 is the integer 5 (JSON Schema agrees), 5.5 is not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Strict (no "5" for 5, no true for 1), but a JSON number with a zero fraction is an integer.
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class ReplayBody(BaseModel):
     """The Letta-compatible POST body, with Letta's defaults (pings on); null means default.
 
@@ -58,9 +67,9 @@ class ReplayBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    starting_after: int | None = Field(None, ge=0, le=MAX_CURSOR)
+    starting_after: JsonInt | None = Field(None, ge=0, le=MAX_CURSOR)
     include_pings: bool | None = None
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    batch_size: JsonInt | None = Field(None, ge=1, le=MAX_BATCH)
     poll_interval: float | None = Field(None, ge=0)
 
 
@@ -88,6 +97,9 @@ class ReplayError(Exception):
         self.extra = extra
 
 
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _cursor(value: str, source: str) -> int:
     text = value.strip()
     if not text.isascii() or not text.isdigit() or len(text) > 18:
@@ -99,18 +111,20 @@ def _cursor(value: str, source: str) -> int:
 
 def params_from_query(request: web.Request) -> ReplayParams:
     """GET: cursor from ``Last-Event-ID`` (what EventSource sends), else ``?starting_after``."""
+    # Both are checked (a bad one is a 400 even when unused); the header wins.
+    query = request.query.get("starting_after")
+    cursor = 0 if query is None else _cursor(query, "starting_after")
     if (header := request.headers.get("Last-Event-ID")) is not None:
         cursor = _cursor(header, "Last-Event-ID")
-    elif (query := request.query.get("starting_after")) is not None:
-        cursor = _cursor(query, "starting_after")
-    else:
-        cursor = 0
     batch = DEFAULT_BATCH
     if (raw := request.query.get("batch_size")) is not None:
         batch = _cursor(raw, "batch_size")
         if not 1 <= batch <= MAX_BATCH:
             raise ReplayError(400, "bad_request", f"batch_size must be 1..{MAX_BATCH}")
-    pings = request.query.get("include_pings", "false").lower() in ("1", "true", "yes")
+    flag = request.query.get("include_pings", "false").lower()
+    if flag not in _FLAGS:
+        raise ReplayError(400, "bad_request", "include_pings must be true or false")
+    pings = _FLAGS[flag]
     return ReplayParams(cursor, pings, batch)
 
 

@@ -221,3 +221,22 @@ async def test_identical_duplicate_run_id_headers_are_one_run_id(
     await sidecar.flushed()
     async with http.get(sidecar.url + "/sidecar/v1/runs/same") as resp:
         assert (await resp.json())["status"] == "completed"
+
+
+async def test_a_json_number_with_a_zero_fraction_is_an_integer_in_a_replay_body(
+    upstream: Upstream, sidecar: Sidecar, http: aiohttp.ClientSession
+) -> None:
+    # JSON Schema (and so the OpenAPI document) calls 2.0 an integer; schemathesis found it
+    # refused. 2.5 is not one, nor is "2".
+    upstream.sse(PATH, [token("a"), token("b"), stop("end_turn"), DONE])
+    request = raw_request("POST", PATH, [("X-Run-Id", "floats")], b"{}")
+    assert (await raw_exchange(sidecar.settings.port, request))[0] == 200
+    await sidecar.flushed()
+    url = sidecar.url + "/v1/runs/floats/stream"
+    async with http.post(url, json={"starting_after": 2.0, "batch_size": 1.0}) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    assert body.startswith(b"id: 3\n")
+    for bad in ({"starting_after": 2.5}, {"starting_after": "2"}, {"batch_size": 1e30}):
+        async with http.post(url, json=bad) as resp:
+            assert resp.status == 400, bad

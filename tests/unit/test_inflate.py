@@ -163,3 +163,22 @@ def test_a_truncated_stream_gives_what_it_holds_without_error() -> None:
     out = b"".join(pieces(Inflater("gzip", max_bytes=1 << 20), [wire[: len(wire) // 2]]))
     assert raw.startswith(out)
     assert out
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_what_decoded_before_corrupt_bytes_in_the_same_chunk_is_kept(coding: str) -> None:
+    # zlib drops the output of a call that fails; the inflater still gives it, byte-exact.
+    raw = b"".join(b"data: event %d\n\n" % i for i in range(500))
+    wbits = {"deflate": zlib.MAX_WBITS, "gzip": 31, "x-gzip": 31}[coding]
+    z = zlib.compressobj(wbits=wbits)
+    good = z.compress(raw) + z.flush(zlib.Z_SYNC_FLUSH)
+    out = bytearray()
+
+    def drain() -> None:
+        # \xff starts a block of type 3, which does not exist: an error right there.
+        for piece in Inflater(coding, max_bytes=1 << 20, piece_bytes=1000).feed(good + b"\xff!"):
+            out.extend(piece)
+
+    with pytest.raises(CorruptEncoding, match="invalid block type"):
+        drain()
+    assert bytes(out) == raw
