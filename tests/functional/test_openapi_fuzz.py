@@ -26,7 +26,8 @@ PATH = "/v1/agents/agent-1/messages/stream"
 SECRET = "s3cret"
 
 
-async def schemathesis(url: str, *args: str, timeout: float) -> tuple[int, str]:
+async def schemathesis(url: str, *args: str, timeout: float, cwd: Path) -> tuple[int, str]:
+    # (In its own directory: schemathesis keeps a cache of what it found where it runs.)
     proc = await asyncio.create_subprocess_exec(
         str(ST),
         "run",
@@ -43,6 +44,7 @@ async def schemathesis(url: str, *args: str, timeout: float) -> tuple[int, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=cwd,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
@@ -54,6 +56,7 @@ async def fuzz_a_live_sidecar(
     upstream: Upstream,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     *,
     auth: bool,
     examples: int,
@@ -73,7 +76,7 @@ async def fuzz_a_live_sidecar(
     args = ["--max-examples", str(examples)]
     if auth:
         args += ["--header", f"Authorization: Bearer {SECRET}"]
-    code, output = await schemathesis(served.url, *args, timeout=timeout)
+    code, output = await schemathesis(served.url, *args, timeout=timeout, cwd=tmp_path)
     assert code == 0, output
     assert "5xx" not in output
     served.sigterm()
@@ -89,11 +92,12 @@ async def test_schemathesis_finds_nothing(
     upstream: Upstream,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     auth: bool,
 ) -> None:
     examples = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "15"))
     await fuzz_a_live_sidecar(
-        serve, upstream, http, monkeypatch, auth=auth, examples=examples, timeout=50
+        serve, upstream, http, monkeypatch, tmp_path, auth=auth, examples=examples, timeout=50
     )
 
 
@@ -105,8 +109,9 @@ async def test_schemathesis_finds_nothing_long(
     upstream: Upstream,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     auth: bool,
 ) -> None:
     await fuzz_a_live_sidecar(
-        serve, upstream, http, monkeypatch, auth=auth, examples=300, timeout=850
+        serve, upstream, http, monkeypatch, tmp_path, auth=auth, examples=300, timeout=850
     )

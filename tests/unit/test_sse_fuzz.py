@@ -1,5 +1,6 @@
 """Fuzzing the SSE decoder and the bounded inflater that feeds it (issue 11): arbitrary bytes, any
-chunking. The items never depend on the chunking, and the decoder never holds more than its bound.
+chunking. The items never depend on the chunking, and the decoder never holds more than twice its
+bound (an event's lines and an unfinished comment line are bounded each on their own).
 
 A time budget for CI: ``SSE_FUZZ_EXAMPLES`` examples per property (default 300, a few seconds in
 all); ``make fuzz`` runs 20,000.
@@ -61,8 +62,8 @@ def chunked(raw: bytes, at: list[int]) -> list[bytes]:
 
 def run(chunks: list[bytes], limit: int) -> tuple[list[Item], bool, bytes]:
     """Items (completed ones included when it fails), whether it failed, the unfinished line;
-    after every feed, the decoder holds at most ``limit`` bytes (found by this fuzzer: or the 2
-    bytes of a BOM's start, below a limit of 2)."""
+    after every feed, the decoder holds at most twice ``limit`` bytes (what this fuzzer found:
+    an event at its limit plus a comment line at its own, or a BOM's first 2 bytes)."""
     decoder = SSEDecoder(limit)
     items: list[Item] = []
     for chunk in chunks:
@@ -72,8 +73,9 @@ def run(chunks: list[bytes], limit: int) -> tuple[list[Item], bool, bytes]:
             items.extend(exc.completed)
             assert decoder.buffered_bytes == 0
             return items, True, b""
-        # (At the stream's start it may hold the two bytes of a BOM it has not seen whole.)
-        assert decoder.buffered_bytes <= max(limit, 2)
+        # An event's lines and an unfinished comment line are bounded each on their own; at the
+        # stream's start it may hold the two bytes of a BOM it has not seen whole.
+        assert decoder.buffered_bytes <= max(2 * limit, 2)
     return items, False, decoder.flush()
 
 
