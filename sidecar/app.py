@@ -39,6 +39,7 @@ from sidecar.probe import RedisProbe
 from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, OrphanSweep, RunRegistry, new_producer_id
+from sidecar.server import TrafficRunner
 from sidecar.store import RunStore
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause, Status
@@ -248,6 +249,7 @@ async def _http(app: web.Application) -> AsyncIterator[None]:
         authorizer,
         metrics,
         proxy=proxy.handle,
+        body_idle_seconds=s.request_body_idle_timeout_seconds,
     )
     try:
         yield
@@ -399,8 +401,10 @@ async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
     grace = settings.drain_seconds + FLUSH_DEADLINE_SECONDS + 5.0
     # handler_cancellation: a client that leaves cancels its handler, which is how a tee learns
     # of it while the upstream is silent (and a passthrough request stops at once).
-    runner = web.AppRunner(
+    runner = TrafficRunner(
         app,
+        settings,
+        app[METRICS],
         handle_signals=False,
         shutdown_timeout=grace,
         access_log=None,

@@ -151,6 +151,39 @@ class Settings(BaseSettings):
         "/metrics keeps serving so a last scrape reads the final counts (it stops at the first "
         "scrape after that). Set it above the scrape interval.",
     )
+    max_decompressed_bytes: int = Field(
+        64 << 20,
+        gt=0,
+        description="Most bytes a compressed upstream event stream may decode to; past it the "
+        "run ends (upstream_error).",
+    )
+    live_buffer_bytes: int = Field(
+        1 << 20,
+        gt=0,
+        description="Unsent bytes a run's live client may hold before it is disconnected (it "
+        "resumes with Last-Event-ID; the run goes on being stored).",
+    )
+    live_write_timeout_seconds: float = Field(
+        30.0, gt=0, description="A live client that accepts no bytes this long is disconnected."
+    )
+    run_id_reuse: Literal["refuse", "replace"] = Field(
+        "refuse",
+        description="A client-chosen run id whose keys still exist: refused (409), or replaced "
+        "by a new generation of the run.",
+    )
+    keepalive_timeout_seconds: float = Field(
+        75.0, gt=0, description="An idle keep-alive connection is closed after this long."
+    )
+    request_header_timeout_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="Time a client gets to send a request's headers (408 and close past it).",
+    )
+    request_body_idle_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest silence while a request body is received (408 past it).",
+    )
 
     @field_validator("upstream_url")
     @classmethod

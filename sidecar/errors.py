@@ -16,8 +16,12 @@ foreign library, so callers handle one small tree::
     │       │                 timeout, loading, a failover in progress)
     │       └── StoreBusy     ... because every connection of the bounded pool stayed busy
     │                         (this process is saturated; Redis itself may be fine)
+    ├── BodyTimeout           a client went silent while sending a request body (HTTP 408)
+    ├── RunExists             a client-chosen run id whose keys still exist (HTTP 409)
     └── UpstreamError         the upstream could not be reached or failed mid-response
-        └── UpstreamTimeout   ... because a connect or read deadline passed
+        ├── UpstreamTimeout   ... because a connect or read deadline passed
+        ├── CorruptEncoding   its compressed body cannot be decoded
+        └── DecompressedTooLarge  its compressed body decodes past max_decompressed_bytes
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ class RunConflict(SidecarError):
         super().__init__(f"run {run_id!r} is already being produced by {producer!r}")
         self.run_id = run_id
         self.producer = producer
+
+
+class RunExists(SidecarError):
+    """The run id names a stored run, and the reuse policy does not replace it."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} is stored already: a new run needs a new run id")
+        self.run_id = run_id
 
 
 class RequestTooLarge(SidecarError):
@@ -75,6 +87,14 @@ class StoreBusy(StoreUnavailable):
     """No pooled connection came free in time: the process, not Redis, is the bottleneck."""
 
 
+class BodyTimeout(SidecarError):
+    def __init__(self, idle_seconds: float) -> None:
+        super().__init__(
+            f"no request body bytes for {idle_seconds:g}s (request_body_idle_timeout_seconds)"
+        )
+        self.idle_seconds = idle_seconds
+
+
 class SSEError(SidecarError):
     """The upstream's event stream cannot be decoded."""
 
@@ -94,3 +114,18 @@ class UpstreamError(SidecarError):
 
 class UpstreamTimeout(UpstreamError):
     """A connect or read deadline passed while waiting for the upstream."""
+
+
+class CorruptEncoding(UpstreamError):
+    def __init__(self, coding: str, why: str) -> None:
+        super().__init__(f"cannot decode the upstream's {coding} body: {why}")
+        self.coding = coding
+
+
+class DecompressedTooLarge(UpstreamError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the upstream's compressed body decodes to more than max_decompressed_bytes "
+            f"({limit} bytes)"
+        )
+        self.limit = limit

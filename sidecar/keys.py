@@ -16,7 +16,8 @@ from sidecar.errors import InvalidRunId
 
 RunId = NewType("RunId", str)
 
-_RUN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+RUN_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+_RUN_ID = re.compile(RUN_ID_PATTERN)
 
 
 def validate_run_id(value: str) -> RunId:
@@ -27,6 +28,12 @@ def validate_run_id(value: str) -> RunId:
 
 def new_run_id() -> RunId:
     return RunId(f"run-{uuid.uuid4()}")
+
+
+def new_generation() -> str:
+    """Names one run stored under a run id: a reused id is a new generation (per-run tokens
+    open one generation only)."""
+    return uuid.uuid4().hex[:16]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -25,11 +24,14 @@ from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from yarl import URL
 
 from sidecar.auth import Authorizer
+from sidecar.client_out import LiveClient
 from sidecar.config import Settings
 from sidecar.dialects import hint_for_path
 from sidecar.dialects.routes import dialect_for_path
-from sidecar.errors import InvalidRunId, RequestTooLarge, RunConflict
-from sidecar.keys import RunId, new_run_id, validate_run_id
+from sidecar.errors import BodyTimeout, InvalidRunId, RequestTooLarge, RunConflict, RunExists
+from sidecar.inflate import Inflater, content_coding, decodable, narrow_accept_encoding
+from sidecar.keys import RunId, new_generation, new_run_id, validate_run_id
+from sidecar.request_body import body_chunks
 from sidecar.runs import RunRegistry, new_producer_id
 from sidecar.store.meta import initial_meta
 from sidecar.tee import Tee
@@ -64,7 +66,10 @@ CLAIM_WAIT_SECONDS = 0.25
 
 def json_error(status: int, type_: str, message: str, **extra: Any) -> web.Response:
     body: dict[str, Any] = {"error": {"type": type_, "message": message, **extra}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    resp = web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    if status == 408:
+        resp.force_close()  # the rest of a request that timed out must not be read as the next
+    return resp
 
 
 def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
@@ -88,15 +93,6 @@ def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
     return 200 <= resp.status < 300 and ctype.split(";", 1)[0].strip().lower() == (
         "text/event-stream"
     )
-
-
-def _decompressor(encoding: str) -> Any | None:
-    """A zlib decoder for the encodings the tee can read; None means "leave the stream alone"."""
-    if encoding == "gzip":
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return zlib.decompressobj()
-    return None
 
 
 class Proxy:
@@ -130,9 +126,16 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         client_run_id: RunId | None = None
-        if (raw_id := request.headers.get(self._run_header)) is not None:
+        raw_ids = request.headers.getall(self._run_header, [])
+        if len(set(raw_ids)) > 1:
+            return json_error(
+                400,
+                "ambiguous_run_id",
+                f"{len(raw_ids)} different {self._run_header} headers: send one run id",
+            )
+        if raw_ids:
             try:
-                client_run_id = validate_run_id(raw_id)
+                client_run_id = validate_run_id(raw_ids[0])
             except InvalidRunId as exc:
                 return json_error(400, "invalid_run_id", str(exc))
             if client_run_id in self._runs:
@@ -169,24 +172,37 @@ class Proxy:
                 span.set_status(StatusCode.ERROR)
                 self._m.upstream_errors.labels("timeout").inc()
                 return json_error(504, "upstream_timeout", "the upstream did not answer in time")
-            except (aiohttp.ClientError, RequestTooLarge) as exc:
+            except (aiohttp.ClientError, RequestTooLarge, BodyTimeout) as exc:
                 span.record_exception(exc)
                 span.set_status(StatusCode.ERROR)
                 # aiohttp wraps what the body generator raised in a ClientOSError.
                 if isinstance(too_large := _cause(exc, RequestTooLarge), RequestTooLarge):
                     return json_error(413, "request_too_large", str(too_large))
+                if isinstance(silent := _cause(exc, BodyTimeout), BodyTimeout):
+                    self._m.bad_requests.labels("body_timeout").inc()
+                    log.info("request body timed out: %s", silent)
+                    return json_error(408, "request_timeout", str(silent))
                 log.warning("upstream request failed: %s", exc)
                 refused = isinstance(exc, aiohttp.ClientConnectorError)
                 self._m.upstream_errors.labels("connect" if refused else "disconnected").inc()
                 return json_error(502, "upstream_unreachable", f"cannot reach the upstream: {exc}")
             span.set_attribute("http.response.status_code", upstream.status)
         if is_event_stream(upstream) and request.method != "HEAD":
-            encoding = upstream.headers.get("Content-Encoding", "identity")
-            decoder = _decompressor(encoding)
-            if encoding == "identity" or decoder is not None:
-                # The tee owns the upstream response from here on.
-                return await self._tee(request, upstream, client_run_id, decoder, started)
-            log.warning("not teeing a %s-encoded event stream; relaying it untouched", encoding)
+            coding = content_coding(upstream.headers.get("Content-Encoding"))
+            if not decodable(coding):
+                # Never relayed unstored: the request asked only for codings the tee reads.
+                upstream.close()
+                self._m.upstream_rejected.labels("unsupported_encoding").inc()
+                log.warning("refused an event stream in content coding %r", coding[:40])
+                return json_error(
+                    502,
+                    "unsupported_encoding",
+                    f"the upstream sent an event stream in content coding {coding[:40]!r}, "
+                    "which the sidecar cannot decode and store",
+                )
+            inflater = Inflater(coding, max_bytes=self._s.max_decompressed_bytes)
+            # The tee owns the upstream response from here on.
+            return await self._tee(request, upstream, client_run_id, inflater, started)
         try:
             return await self._passthrough(request, upstream)
         finally:
@@ -211,12 +227,16 @@ class Proxy:
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers.setdefault("X-Forwarded-Proto", request.scheme)
         headers.setdefault("X-Forwarded-Host", request.host)
+        # Only codings the tee can decode: whether a response is an event stream to tee is
+        # known only once it comes, and an event stream is never relayed unstored.
+        if codings := headers.popall("Accept-Encoding", None):
+            headers["Accept-Encoding"] = narrow_accept_encoding(codings)
         return headers
 
     async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
         limit = self._s.max_request_bytes
         seen = 0
-        async for chunk in request.content.iter_any():
+        async for chunk in body_chunks(request, self._s.request_body_idle_timeout_seconds):
             seen += len(chunk)
             if seen > limit:
                 raise RequestTooLarge(limit)
@@ -247,10 +267,10 @@ class Proxy:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         client_run_id: RunId | None,
-        decompressor: Any | None,
+        inflater: Inflater,
         started: float,
     ) -> web.StreamResponse:
-        run_id, chosen = self._pick_run_id(upstream, client_run_id)
+        run_id, chosen_by = self._pick_run_id(upstream, client_run_id)
         if run_id in self._runs:
             upstream.close()
             return json_error(409, "run_conflict", f"run {run_id!r} is already being produced")
@@ -261,30 +281,38 @@ class Proxy:
         dialect = None if setting == "auto" else Dialect(setting)
         hint = hint_for_path(request.path)
         ids = trace_ids(span)
+        generation = new_generation()
         meta = initial_meta(
             route="proxy",
             trace_id=ids[0] if ids is not None else None,
             # auto: what ends the run if no event comes; its first event says the rest.
             dialect=(dialect or hint or Dialect.GENERIC).value,
+            generation=generation,
         )
+        # An id the upstream chose is its own: its work is done, so a stored run of that id is
+        # replaced (a new generation). A client-chosen id follows run_id_reuse.
+        replace = chosen_by != "client" or self._s.run_id_reuse == "replace"
         stream = self._writer.open(
-            run_id, new_producer_id(), meta, span_context=span.get_span_context()
+            run_id, new_producer_id(), meta, span_context=span.get_span_context(), replace=replace
         )
         # The first upstream read starts now; whatever it brings is relayed by the tee.
         first = asyncio.ensure_future(upstream.content.readany())
         try:
-            conflict = await self._claim_refused(stream, first) if chosen else None
+            refusal = await self._claim_refused(stream) if chosen_by != "new" else None
         except BaseException:
             first.cancel()
             upstream.close()
             span.end()
             raise
-        if conflict is not None:
+        if refusal is not None:
             first.cancel()
             upstream.close()
             span.set_status(StatusCode.ERROR, "run conflict")
             span.end()
-            return json_error(409, "run_conflict", str(conflict), producer=conflict.producer)
+            if isinstance(refusal, RunExists):
+                self._m.run_id_reuse.labels("refused").inc()
+                return json_error(409, "run_exists", str(refusal))
+            return json_error(409, "run_conflict", str(refusal), producer=refusal.producer)
         headers = end_to_end(upstream.headers)
         for name in (
             "Content-Length",
@@ -294,7 +322,7 @@ class Proxy:
         ):
             headers.popall(name, None)
         headers[RUN_ID_RESPONSE_HEADER] = run_id
-        if (token := self._auth.issue(run_id)) is not None:
+        if (token := self._auth.issue(run_id, generation)) is not None:
             headers[REPLAY_TOKEN_HEADER] = token
         headers.setdefault("Cache-Control", "no-cache")
         headers["X-Accel-Buffering"] = "no"
@@ -307,7 +335,8 @@ class Proxy:
             runs=self._runs,
             metrics=self._m,
             upstream=upstream,
-            decompressor=decompressor,
+            inflater=inflater,
+            generation=generation,
             started=started,
             span=span,
             dialect=dialect,
@@ -315,12 +344,22 @@ class Proxy:
             first=first,
         )
         self._m.runs_active.inc()
+        client: LiveClient | None = None
         try:
             await resp.prepare(request)
         except (ConnectionError, RuntimeError):
             tee.client_gone()
         else:
-            tee.attach(resp, request.transport)
+            client = LiveClient(
+                request,
+                resp,
+                run_id=run_id,
+                buffer_bytes=self._s.live_buffer_bytes,
+                write_timeout=self._s.live_write_timeout_seconds,
+                metrics=self._m,
+                on_left=tee.client_gone,
+            )
+            tee.attach(client)
         with trace.use_span(span, end_on_exit=False):
             # Created inside: the tee's task runs (and logs) with sse.run as its current span.
             task = asyncio.create_task(tee.run(), name=f"tee:{run_id}")
@@ -331,38 +370,47 @@ class Proxy:
             # Shielded: when aiohttp cancels this handler because the client left, the tee goes
             # on (or cancels the upstream, per on_client_disconnect).
             await tee.wait()
+            if client is not None:
+                await client.finished()
         except asyncio.CancelledError:
             tee.client_gone()
+            if client is not None:
+                client.abandon()
             raise
+        if stream.replaced:
+            self._m.run_id_reuse.labels("replaced").inc()
+            log.info(
+                "run id reused: a new generation replaced the stored run",
+                extra={"run_id": run_id, "chosen_by": chosen_by},
+            )
         return resp
 
-    async def _claim_refused(
-        self, stream: RunStream, first: asyncio.Future[bytes]
-    ) -> RunConflict | None:
-        """A run id someone chose may be another producer's: Redis' answer to the claim (in the
-        writer's next round trip, well under a millisecond on a healthy Redis) decides between
-        200 and 409. The first upstream read goes on meanwhile, and the wait is bounded (none at
-        all while Redis is known to be down): the client never waits on a struggling Redis. A
-        claim refused after that fences the run (not stored; counted as ``conflict``)."""
+    async def _claim_refused(self, stream: RunStream) -> RunConflict | RunExists | None:
+        """A run id someone chose may be another producer's, or (run_id_reuse=refuse) a stored
+        run's: Redis' answer to the claim (in the writer's next round trip, well under a
+        millisecond on a healthy Redis) decides between 200 and 409. The first upstream read
+        goes on meanwhile, and the wait is bounded (none at all while Redis is known to be
+        down): the client never waits on a struggling Redis. A claim refused after that fences
+        the run (not stored; counted as ``conflict``)."""
         if not self._writer.store_down:
             await asyncio.wait((stream.claim,), timeout=CLAIM_WAIT_SECONDS)
-        if stream.claim.done() and (holder := stream.claim.result()) is not True:
-            return RunConflict(stream.run_id, str(holder))
+        if stream.claim.done() and (refusal := stream.claim.result()) is not True:
+            return refusal
         return None
 
     def _pick_run_id(
         self, upstream: aiohttp.ClientResponse, client_run_id: RunId | None
-    ) -> tuple[RunId, bool]:
-        """The run id, and whether somebody chose it (a new random one cannot conflict)."""
+    ) -> tuple[RunId, Literal["upstream", "client", "new"]]:
+        """The run id, and who chose it (a new random one cannot conflict)."""
         raw = upstream.headers.get(self._run_header)
         if raw is not None:
             try:
-                return validate_run_id(raw), True
+                return validate_run_id(raw), "upstream"
             except InvalidRunId as exc:
                 log.warning("ignoring the upstream's run id: %s", exc)
         if client_run_id is not None:
-            return client_run_id, True
-        return new_run_id(), False
+            return client_run_id, "client"
+        return new_run_id(), "new"
 
 
 def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

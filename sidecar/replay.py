@@ -18,17 +18,19 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from sidecar.errors import ApiError, StoreError
+from sidecar.auth import Grant
+from sidecar.errors import ApiError, BodyTimeout, RequestTooLarge, StoreError
 from sidecar.follow import Follower
 from sidecar.keys import RunId
+from sidecar.request_body import read_body
 from sidecar.runs import RunRegistry
 from sidecar.sse import encode_comment, encode_event
 from sidecar.store import Entry, RunMeta, RunStore
@@ -40,12 +42,23 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 100
 MAX_BATCH = 10_000
 MAX_CURSOR = 10**18 - 1  # what fits the header and query forms (18 digits)
+MAX_BODY_BYTES = 64 << 10  # a replay body is four small fields
+MAX_BODY_BYTES = 64 << 10  # a replay body is four small fields
 PING_COMMENT = encode_comment(" ping")
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+def _integral(value: Any) -> Any:
+    # JSON has numbers, not ints: 5.0 is the integer 5 (JSON Schema agrees), 5.5 is not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Strict (no "5" for 5, no true for 1), but a JSON number with a zero fraction is an integer.
+JsonInt = Annotated[int, BeforeValidator(_integral)]
 
 
 class ReplayBody(BaseModel):
@@ -56,9 +69,9 @@ class ReplayBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    starting_after: int | None = Field(None, ge=0, le=MAX_CURSOR)
+    starting_after: JsonInt | None = Field(None, ge=0, le=MAX_CURSOR)
     include_pings: bool | None = None
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    batch_size: JsonInt | None = Field(None, ge=1, le=MAX_BATCH)
     poll_interval: float | None = Field(None, ge=0)
 
 
@@ -76,6 +89,9 @@ class _Sent:
     events: int = 0
 
 
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def cursor_param(value: str, source: str = "starting_after") -> int:
     text = value.strip()
     if not text.isascii() or not text.isdigit() or len(text) > 18:
@@ -87,24 +103,39 @@ def cursor_param(value: str, source: str = "starting_after") -> int:
 
 def params_from_query(request: web.Request) -> ReplayParams:
     """GET: cursor from ``Last-Event-ID`` (what EventSource sends), else ``?starting_after``."""
+    # Both are checked (a bad one is a 400 even when unused); the header wins.
+    query = request.query.get("starting_after")
+    cursor = 0 if query is None else cursor_param(query, "starting_after")
     if (header := request.headers.get("Last-Event-ID")) is not None:
         cursor = cursor_param(header, "Last-Event-ID")
-    elif (query := request.query.get("starting_after")) is not None:
-        cursor = cursor_param(query, "starting_after")
-    else:
-        cursor = 0
     batch = DEFAULT_BATCH
     if (raw := request.query.get("batch_size")) is not None:
         batch = cursor_param(raw, "batch_size")
         if not 1 <= batch <= MAX_BATCH:
             raise ApiError(400, "bad_request", f"batch_size must be 1..{MAX_BATCH}")
-    pings = request.query.get("include_pings", "false").lower() in ("1", "true", "yes")
+    flag = request.query.get("include_pings", "false").lower()
+    if flag not in _FLAGS:
+        raise ApiError(400, "bad_request", "include_pings must be true or false")
+    pings = _FLAGS[flag]
     return ReplayParams(cursor, pings, batch)
 
 
-async def params_from_body(request: web.Request) -> ReplayParams:
+def ensure_generation(grant: Grant, generation: str | None) -> None:
+    """A per-run token opens the one generation of the run it was issued for."""
+    if not grant.admits(generation):
+        raise ApiError(
+            403, "forbidden", "this token is for an earlier run that had the same run id"
+        )
+
+
+async def params_from_body(request: web.Request, idle_seconds: float) -> ReplayParams:
     """POST (Letta's form): the JSON body; a ``Last-Event-ID`` header still wins."""
-    raw = await request.read()
+    try:
+        raw = await read_body(request, idle_seconds, MAX_BODY_BYTES)
+    except BodyTimeout as exc:
+        raise ApiError(408, "request_timeout", str(exc)) from None
+    except RequestTooLarge as exc:
+        raise ApiError(413, "request_too_large", str(exc)) from None
     try:
         body = ReplayBody.model_validate_json(raw or b"{}")
     except ValueError as exc:
@@ -139,12 +170,13 @@ class Replayer:
         self._write_timeout = write_timeout
 
     async def stream(
-        self, request: web.Request, run_id: RunId, params: ReplayParams
+        self, request: web.Request, run_id: RunId, params: ReplayParams, grant: Grant
     ) -> web.StreamResponse:
         """Validate against the stored run, then stream; refusals raise ``ApiError``."""
         meta = await self._store.meta(run_id) or self._runs.meta(run_id)
         if meta is None:
             raise ApiError(404, "run_not_found", f"no run {run_id!r} (unknown or expired)")
+        ensure_generation(grant, meta.generation)
         cursor = params.starting_after
         if not meta.running and cursor >= meta.last_event_seq:
             self._m.replay_requests.labels("no_content").inc()

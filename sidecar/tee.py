@@ -9,20 +9,19 @@ cancels it, per ``on_client_disconnect``), so the stored run is whole either way
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import zlib
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from opentelemetry.trace import Span
 
+from sidecar.client_out import LiveClient
 from sidecar.config import Settings
 from sidecar.dialects import detect, new_tracker
 from sidecar.ending import record_end
-from sidecar.errors import EventTooLarge
+from sidecar.errors import CorruptEncoding, DecompressedTooLarge, EventTooLarge
+from sidecar.inflate import Inflater
 from sidecar.keys import RunId
 from sidecar.payload import parse_payload, render_event
 from sidecar.runs import RunRegistry
@@ -62,7 +61,8 @@ class Tee:
         runs: RunRegistry,
         metrics: Metrics,
         upstream: aiohttp.ClientResponse,
-        decompressor: Any | None,
+        inflater: Inflater,
+        generation: str,
         started: float,
         span: Span,
         dialect: Dialect | None,
@@ -71,6 +71,7 @@ class Tee:
     ) -> None:
         self._run_id = run_id
         self._first = first
+        self._generation = generation
         self._span = span
         self._bytes = 0
         self._counted_events = 0
@@ -80,7 +81,7 @@ class Tee:
         self._runs = runs
         self._m = metrics
         self._upstream = upstream
-        self._decompressor = decompressor
+        self._inflater = inflater
         self._started = started
         self._cancel_on_disconnect = settings.on_client_disconnect == "cancel"
         self._decoder = SSEDecoder(settings.max_event_bytes)
@@ -92,17 +93,19 @@ class Tee:
         self._fill = False
         if dialect is not None:
             self._start_tracker(dialect)
-        self._resp: web.StreamResponse | None = None
-        self._transport: asyncio.BaseTransport | None = None
+        self._client: LiveClient | None = None
         self._seq = 0
         self._first_event_at: float | None = None
         self._cancel_cause: EndCause | None = None
         self._client_left = False
         self._out: list[bytes] = []
+        # Blocks without data (retry only): sent and stored with the next event, so that a
+        # replay gets them exactly where the live client did.
+        self._carry: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
         self.outcome: Outcome | None = None
-        # Resolved when the run has ended and the client has its last byte; the task may go on
-        # briefly after that to let the upstream finish its response.
+        # Resolved when the run has ended: its last event is queued for the client and the
+        # writer. The task may go on briefly after that to let the upstream finish its response.
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         runs.add(self)
 
@@ -114,11 +117,12 @@ class Tee:
     def stream(self) -> RunStream:
         return self._stream
 
-    def attach(
-        self, resp: web.StreamResponse, transport: asyncio.BaseTransport | None = None
-    ) -> None:
-        self._resp = resp
-        self._transport = transport
+    @property
+    def generation(self) -> str:
+        return self._generation
+
+    def attach(self, client: LiveClient) -> None:
+        self._client = client
 
     def _start_tracker(self, dialect: Dialect) -> DialectTracker:
         """The run's dialect is known: its tracker, and the run counts as started in it (so that
@@ -130,10 +134,11 @@ class Tee:
         return tracker
 
     def client_gone(self) -> None:
-        if self._client_left:
+        """The client went away by itself (a client the sidecar cut is no departure)."""
+        client, self._client = self._client, None
+        if self._client_left or (client is not None and client.cut):
             return
         self._client_left = True
-        self._resp = None
         self._m.client_disconnects.inc()
         self._span.add_event("client_disconnected", {"sse.seq": self._seq})
         log.info("client left mid-stream", extra={"run_id": self._run_id})
@@ -187,14 +192,10 @@ class Tee:
             self._upstream.close()
         await self._finish(cause, detail)
         self._runs.remove(self)
-        if self._resp is not None:
-            if self._cut_client() and self._transport is not None:
-                # The protocol has no words for this end (generic): show the client the broken
-                # stream the upstream gave, not a clean end that would look like a finished run.
-                self._transport.close()
-            else:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await self._resp.write_eof()
+        if self._client is not None:
+            # The protocol has no words for a forced end of a generic stream: the client sees
+            # the broken stream the upstream gave, not a clean end that would look finished.
+            self._client.end(cut=self._cut_client())
         self.ended.set_result(None)
         return cause
 
@@ -241,28 +242,44 @@ class Tee:
                     return end
         except TimeoutError:
             return EndCause.UPSTREAM_TIMEOUT, "no data from the upstream within the read timeout"
-        except (aiohttp.ClientError, OSError, zlib.error) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             # aiohttp raises a broken connection's error before it hands out the bytes that
             # arrived ahead of it; those are events the upstream did send, so keep them.
-            if leftover := _take_buffered(content):
-                with contextlib.suppress(zlib.error):
-                    if (end := await self._take(leftover)) is not None:
-                        return end
+            if (leftover := _take_buffered(content)) and (end := await self._take(leftover)):
+                return end
             return EndCause.UPSTREAM_ERROR, f"{type(exc).__name__}: {exc}"
         return EndCause.EOF, None
 
     async def _take(self, chunk: bytes) -> tuple[EndCause | None, str | None] | None:
         """Relay and store the events in one upstream chunk; how the run ended, if it did."""
-        if self._decompressor is not None:
-            chunk = self._decompressor.decompress(chunk)
         try:
-            items = self._decoder.feed(chunk)
+            # A compressed chunk decodes in bounded pieces, with a turn for everything else
+            # between two of them (a 130 KB gzip chunk may hold 130 MB of events).
+            for i, piece in enumerate(self._inflater.feed(chunk)):
+                if i:
+                    await asyncio.sleep(0)
+                if (end := self._take_piece(piece)) is not None:
+                    return end
+        except (DecompressedTooLarge, CorruptEncoding) as exc:
+            reason = (
+                "decompressed_bytes"
+                if isinstance(exc, DecompressedTooLarge)
+                else "corrupt_encoding"
+            )
+            self._m.upstream_rejected.labels(reason).inc()
+            return EndCause.UPSTREAM_ERROR, str(exc)
+        return None
+
+    def _take_piece(self, piece: bytes) -> tuple[EndCause | None, str | None] | None:
+        try:
+            items = self._decoder.feed(piece)
         except EventTooLarge as exc:
             self._relay(exc.completed)
-            await self._flush_client()
+            self._flush_client()
+            self._m.upstream_rejected.labels("event_bytes").inc()
             return EndCause.UPSTREAM_ERROR, str(exc)
         done = self._relay(items)
-        await self._flush_client()
+        self._flush_client()
         return (None, None) if done else None
 
     def _relay(self, items: list[Comment | Event]) -> bool:
@@ -273,8 +290,9 @@ class Tee:
                 self._out.append(encode_comment(item.text))
                 continue
             if item.data is None:
-                # Not an event for listeners (e.g. retry only): relayed, never stored or numbered.
-                self._out.append(encode_event(None, event=item.event, retry=item.retry))
+                # Not an event for listeners (e.g. retry only): never numbered, and carried
+                # with the next event so that live and replayed bytes stay the same.
+                self._carry.append(encode_event(None, event=item.event, retry=item.retry))
                 continue
             if self._first_event_at is None:
                 self._first_event_at = time.perf_counter()
@@ -334,13 +352,16 @@ class Tee:
             fill=self._fill,
             payload=payload,
         )
+        if self._carry:
+            raw = b"".join(self._carry) + raw
+            self._carry.clear()
         if final is not None:
             meta = {**(meta or {}), **final_meta(final)}
         self._writer.append(self._stream, seq, raw, complete=final is not None, meta=meta)
         self._bytes += len(raw)
         self._out.append(raw)
 
-    async def _flush_client(self) -> None:
+    def _flush_client(self) -> None:
         # Counted per upstream chunk, not per event: a metric update takes a lock.
         if (events := self._seq - self._counted_events) > 0:
             self._m.stream_events.inc(events)
@@ -350,12 +371,8 @@ class Tee:
             return
         out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
-        if self._resp is None:
-            return
-        try:
-            await self._resp.write(out)
-        except (ConnectionError, RuntimeError):
-            self.client_gone()
+        if self._client is not None:
+            self._client.send(out)
 
     async def _finish(self, cause: EndCause | None, detail: str | None) -> None:
         # When the upstream's own terminal came, the outcome exists already and synthesizes
@@ -371,7 +388,7 @@ class Tee:
         last = len(outcome.synthesized) - 1
         for i, synth in enumerate(outcome.synthesized):
             self._emit_synthesized(synth, final=outcome if i == last else None)
-        await self._flush_client()
+        self._flush_client()
         self._m.runs_active.dec()
         self._span.set_attributes({"sse.events": self._seq, "sse.bytes": self._bytes})
         record_end(

@@ -80,6 +80,12 @@ BACKGROUND_TASKS = (
 # Every kind label of upstream_errors_total: no connection, no answer in time, the connection
 # broke before the response headers.
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "disconnected")
+UPSTREAM_REJECTIONS = (
+    "unsupported_encoding",
+    "corrupt_encoding",
+    "decompressed_bytes",
+    "event_bytes",
+)
 
 
 class Metrics:
@@ -238,6 +244,32 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.upstream_rejected = Counter(
+            p + "upstream_rejected_total",
+            "Upstream event streams refused or cut for breaking a bound, by reason "
+            "(unsupported_encoding, corrupt_encoding, decompressed_bytes, event_bytes).",
+            ["reason"],
+            registry=r,
+        )
+        self.live_clients_cut = Counter(
+            p + "live_clients_cut_total",
+            "Live clients disconnected for not reading, by reason (buffer, write_timeout).",
+            ["reason"],
+            registry=r,
+        )
+        self.run_id_reuse = Counter(
+            p + "run_id_reuse_total",
+            "Teed responses whose run id named a stored run, by outcome (refused, replaced).",
+            ["outcome"],
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            p + "bad_requests_total",
+            "Requests refused before any route saw them, or cut while their body was read, by "
+            "reason (malformed, header_timeout, body_timeout).",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Info(p + "build", "Version of the running sidecar.", registry=r)
         self.build_info.info({"version": __version__})
         self._zero_known_series()
@@ -270,6 +302,14 @@ class Metrics:
             for status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
                 for label in ("none", "other"):
                     self.runs_finished.labels(status.value, label, dialect.value)
+        for rejected in UPSTREAM_REJECTIONS:
+            self.upstream_rejected.labels(rejected)
+        for cut in ("buffer", "write_timeout"):
+            self.live_clients_cut.labels(cut)
+        for reuse in ("refused", "replaced"):
+            self.run_id_reuse.labels(reuse)
+        for bad in ("malformed", "header_timeout", "body_timeout"):
+            self.bad_requests.labels(bad)
         for status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
             self.run_duration.labels(status.value)
 

@@ -26,12 +26,13 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Literal
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode, Tracer
 
 from sidecar.background import Background
-from sidecar.errors import InvalidRunId, StoreError
+from sidecar.errors import InvalidRunId, RunConflict, RunExists, StoreError
 from sidecar.keys import RunId, validate_run_id
 from sidecar.store import AppendOp, AppendResult, AppendStatus, Pending, RunStore, backoff
 from sidecar.store import meta as fields
@@ -62,10 +63,13 @@ class RunStream:
     producer: str
     initial: dict[str, str]  # the meta the run started with (sent again if Redis loses it)
     claimed: bool = False
-    # Resolved once Redis answered the claim: True, or the holder that refused it.
-    claim: asyncio.Future[bool | str] = field(
+    # Resolved once Redis answered the claim: True, or why it refused it (the producer holding
+    # the run, or a stored run the claim may not replace).
+    claim: asyncio.Future[Literal[True] | RunConflict | RunExists] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    replace: bool = True  # may the claim replace a finished run stored under this id?
+    replaced: bool = False  # the claim did replace one (a new generation of the run id)
     events: deque[Pending] = field(default_factory=deque)
     meta: dict[str, str] = field(default_factory=dict)  # fields newer than no pending event
     inflight: int = 0  # events at the head of ``events`` that a round trip is carrying now
@@ -168,14 +172,17 @@ class Writer:
         producer: str,
         meta: Mapping[str, str],
         span_context: SpanContext | None = None,
+        *,
+        replace: bool = True,
     ) -> RunStream:
         """Start ``run_id`` for ``producer``: its claim and initial meta go in the next round trip.
 
-        Never waits on Redis: ``run.claim`` resolves when Redis answered (True, or the producer
-        that holds the run). Until then, and whatever the answer, events can be appended; a run
-        whose claim was refused is fenced and stores nothing.
+        Never waits on Redis: ``run.claim`` resolves when Redis answered (True, or why it
+        refused: another producer holds the run, or, with ``replace`` false, a run is stored
+        under the id). Until then, and whatever the answer, events can be appended; a run whose
+        claim was refused is fenced and stores nothing.
         """
-        run = RunStream(run_id, producer, dict(meta), span_context=span_context)
+        run = RunStream(run_id, producer, dict(meta), span_context=span_context, replace=replace)
         run.meta.update(meta)
         self._leases[run_id] = self._deadline()
         self._mark_urgent(run)
@@ -322,8 +329,6 @@ class Writer:
         self._dirty.pop(run, None)
         self._urgent.pop(run, None)
         self._leases.pop(run.run_id, None)
-        if not run.claim.done():
-            run.claim.set_result(reason)
         run.ended.set()
         self._after_change()
 
@@ -399,10 +404,9 @@ class Writer:
             gap = run.gap_before > run.written_seq and any(
                 ev.seq >= run.gap_before for ev in events
             )
+            claim = "0" if run.claimed else ("1" if run.replace else "2")
             ops.append(
-                AppendOp(
-                    run.run_id, run.producer, not run.claimed, run.written_seq, gap, meta, events
-                )
+                AppendOp(run.run_id, run.producer, claim, run.written_seq, gap, meta, events)
             )
         started = time.perf_counter()
         try:
@@ -449,6 +453,7 @@ class Writer:
         run.failures = 0
         if not run.claimed:
             run.claimed = True
+            run.replaced = result.replaced
             if not run.claim.done():
                 run.claim.set_result(True)
         if result.rebuilt:
@@ -494,18 +499,22 @@ class Writer:
         self._leases[run.run_id] = self._deadline()
 
     def _refused(self, run: RunStream, result: AppendResult) -> None:
-        reason = result.status.value
-        log.error(
+        # A refused claim (another producer, or a stored run that may not be replaced) is the
+        # run id's owner defending it: counted as conflict, like a claim the writer lost.
+        claim = result.status in (AppendStatus.CONFLICT, AppendStatus.EXISTS)
+        reason = "conflict" if claim else result.status.value
+        (log.warning if claim else log.error)(
             "run %s: Redis refused the write (%s, holder/last %s); its events are dropped",
             run.run_id,
-            reason,
+            result.status.value,
             result.detail,
             extra={"run_id": run.run_id, "reason": reason},
         )
         if not run.claim.done():
-            run.claim.set_result(
-                result.detail if result.status is AppendStatus.CONFLICT else reason
-            )
+            if result.status is AppendStatus.EXISTS:
+                run.claim.set_result(RunExists(run.run_id))
+            else:
+                run.claim.set_result(RunConflict(run.run_id, result.detail or reason))
         run.fenced = reason
         self._discard(run, reason)
 

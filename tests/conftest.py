@@ -21,6 +21,7 @@ from opentelemetry.trace import Tracer
 from sidecar.app import RUNS, WRITER, create_admin_app, create_app
 from sidecar.config import Settings
 from sidecar.demo.upstream import create_upstream_app
+from sidecar.server import TrafficRunner
 from sidecar.telemetry import Metrics
 
 # Redis Cluster and Sentinel fixtures (redis_cluster, sentinel_set, failover_sentinel).
@@ -292,8 +293,8 @@ async def make_sidecar(
         metrics = Metrics()
         app = create_app(settings, metrics=metrics, tracer=tracer)
         admin = create_admin_app(app)
-        runner = web.AppRunner(
-            app, shutdown_timeout=5.0, access_log=None, handler_cancellation=True
+        runner = TrafficRunner(
+            app, settings, metrics, shutdown_timeout=5.0, access_log=None, handler_cancellation=True
         )
         admin_runner = web.AppRunner(admin, access_log=None)
         await runner.setup()

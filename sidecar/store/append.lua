@@ -1,15 +1,18 @@
 -- Append a batch of one run's events and update its meta, atomically and idempotently.
 --
 -- KEYS[1] = stream key, KEYS[2] = meta key (same hash slot: the run id is their hash tag)
--- ARGV    = producer, claim ("1"/"0"), lease_ms, ttl_ms, maxlen, known_last (the last seq the
+-- ARGV    = producer, claim ("0": none; "1": may replace a finished run; "2": only a run id
+--           nothing is stored under), lease_ms, ttl_ms, maxlen, known_last (the last seq the
 --           producer saw confirmed), allow_gap ("1": seqs the writer could not store precede
 --           this batch; record them as lost instead of refusing), nmeta,
 --           nmeta pairs of (field, value), then quads of (seq, data, timestamp_ms, complete)
 --
--- Returns {0, added, trimmed, last_seq, rebuilt} on success (rebuilt = 1 when the meta had
--- vanished under this producer and was rebuilt), {-1, holder} when another producer holds a
--- live lease (claim refused), {-2, holder} when another producer took the run over (fenced),
--- {-3, last_seq} when a batch would leave a gap in the seqs that allow_gap does not allow.
+-- Returns {0, added, trimmed, last_seq, rebuilt, replaced} on success (rebuilt = 1 when the meta
+-- had vanished under this producer and was rebuilt; replaced = 1 when this claim replaced a
+-- stored run), {-1, holder} when another producer holds a live lease (claim refused), {-2,
+-- holder} when another producer took the run over (fenced), {-3, last_seq} when a batch would
+-- leave a gap in the seqs that allow_gap does not allow, {-4, status} when a "2" claim finds
+-- the run id stored.
 --
 -- Idempotence: an event whose seq is not above the stored last_seq was already written by an
 -- earlier attempt whose reply was lost, so it is skipped; stream ids are "<seq>-0".
@@ -21,13 +24,21 @@ local first = 9 + 2 * nmeta
 local cur = redis.call('HMGET', KEYS[2], 'producer', 'status', 'lease_until_ms', 'last_seq')
 local last = tonumber(cur[4] or '0')
 local rebuilt = 0
+local replaced = 0
 if cur[1] ~= producer then
-  if ARGV[2] == '1' then
+  if ARGV[2] ~= '0' then
     if cur[1] and cur[2] == 'running' and tonumber(cur[3] or '0') > now then
       return {-1, cur[1]}
     end
-    -- A finished run, or one whose producer's lease expired: this run id starts anew.
-    redis.call('DEL', KEYS[1], KEYS[2])
+    -- A finished run, or one whose producer's lease expired: this run id starts anew (a new
+    -- generation), unless the claim may only take a run id that nothing is stored under.
+    if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
+      if ARGV[2] == '2' then
+        return {-4, cur[2] or ''}
+      end
+      redis.call('DEL', KEYS[1], KEYS[2])
+      replaced = 1
+    end
     last = 0
   elseif cur[1] then
     return {-2, cur[1]}
@@ -100,4 +111,4 @@ end
 local ttl = tonumber(ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-return {0, added, trimmed, last, rebuilt}
+return {0, added, trimmed, last, rebuilt, replaced}

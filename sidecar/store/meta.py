@@ -27,6 +27,7 @@ LEASE_UNTIL_MS = "lease_until_ms"
 FORCED_DONE = "forced_done"
 TRACE_ID = "trace_id"
 ROUTE = "route"
+GENERATION = "generation"  # set when the run started; a reused run id gets a new one
 INCOMPLETE = "incomplete"
 TRIMMED_EVENTS = "trimmed_events"
 # Loss, recorded where it happened (DESIGN.md "When things fail"):
@@ -110,6 +111,7 @@ class RunMeta:
     protocol_id: str | None = None
     dialect_state: str | None = None  # JSON: what the dialect needs to end the run elsewhere
     silent_end: bool = False
+    generation: str | None = None
 
     @property
     def running(self) -> bool:
@@ -161,4 +163,5 @@ class RunMeta:
             protocol_id=h.get(PROTOCOL_ID) or None,
             dialect_state=h.get(DIALECT_STATE) or None,
             silent_end=h.get(SILENT_END) == "true",
+            generation=h.get(GENERATION) or None,
         )

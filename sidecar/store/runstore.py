@@ -152,7 +152,7 @@ class AppendOp:
 
     run_id: RunId
     producer: str
-    claim: bool
+    claim: str  # "0": none; "1": may replace a finished run; "2": only a run id nothing is under
     known_last: int
     allow_gap: bool
     meta: Mapping[str, str]
@@ -162,6 +162,7 @@ class AppendOp:
 class AppendStatus(Enum):
     OK = "ok"
     CONFLICT = "conflict"  # another producer holds a live lease: the claim is refused
+    EXISTS = "exists"  # a run is stored under the id and the claim may not replace it
     FENCED = "fenced"  # another producer took the run over
     GAP = "gap"  # the batch would leave a hole in the seqs
     RETRY = "retry"  # not executed (the script was not loaded); send it again
@@ -175,10 +176,16 @@ class AppendResult:
     trimmed: int = 0
     last_seq: int = 0
     rebuilt: bool = False  # the meta had vanished (Redis lost the run) and was rebuilt
+    replaced: bool = False  # the claim replaced a stored run (a new generation of the run id)
     detail: str = ""  # the holder, or Redis' error message
 
 
-_APPEND_CODES = {-1: AppendStatus.CONFLICT, -2: AppendStatus.FENCED, -3: AppendStatus.GAP}
+_APPEND_CODES = {
+    -1: AppendStatus.CONFLICT,
+    -2: AppendStatus.FENCED,
+    -3: AppendStatus.GAP,
+    -4: AppendStatus.EXISTS,
+}
 
 
 class FinalizeStatus(Enum):
@@ -312,7 +319,7 @@ class RunStore:
                         keys.stream(op.run_id),
                         keys.meta(op.run_id),
                         op.producer,
-                        "1" if op.claim else "0",
+                        op.claim,
                         lease_ms,
                         ttl_ms,
                         cap,
@@ -360,6 +367,7 @@ class RunStore:
                             trimmed=int(reply[2]),
                             last_seq=int(reply[3]),
                             rebuilt=int(reply[4]) == 1,
+                            replaced=int(reply[5]) == 1,
                         )
                     )
                 else:

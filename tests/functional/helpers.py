@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -303,3 +304,58 @@ def import_file(path: Path) -> ModuleType:
     sys.modules[path.stem] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# -- appended (hostile clients): raw sockets that send exact bytes and may stop reading --------
+
+
+async def raw_connect(
+    port: int, *, rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to 127.0.0.1:port. With ``rcvbuf``, a small kernel receive buffer
+    and a small reader buffer: once the test stops reading, the peer's writes back up at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock, limit=rcvbuf or (1 << 16))
+
+
+def raw_request(
+    method: str, path: str, headers: list[tuple[str, str]] | None = None, body: bytes = b""
+) -> bytes:
+    """An HTTP/1.1 request as bytes (header values latin-1, so any byte can be sent)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name}: {value}" for name, value in headers or []]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def read_to_end(reader: asyncio.StreamReader, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Everything the peer sends until it closes; whether it reset the connection."""
+    out = bytearray()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                chunk = await reader.read(1 << 16)
+            except ConnectionResetError:
+                return bytes(out), True
+            if not chunk:
+                return bytes(out), False
+            out += chunk
+
+
+async def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send one request on a fresh connection (``Connection: close``); the status and body."""
+    reader, writer = await raw_connect(port)
+    head, sep, rest = request.partition(b"\r\n")
+    writer.write(head + sep + b"Connection: close\r\n" + rest)
+    try:
+        raw, _ = await read_to_end(reader, timeout)
+    finally:
+        writer.close()
+    status_line, _, remainder = raw.partition(b"\r\n")
+    _, _, body = remainder.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), body

@@ -586,12 +586,14 @@ async def test_event_stream_content_type_with_parameters_is_teed(
     assert [e.id for e in view.events] == ["1", "2", "3"]
 
 
-async def test_event_stream_in_an_encoding_the_tee_cannot_read_is_relayed_untouched(
+async def test_event_stream_in_an_encoding_the_tee_cannot_read_is_refused_not_relayed_unstored(
     upstream: Upstream,
     make_sidecar: SidecarFactory,
     redis_client: redis.asyncio.Redis,
     http: aiohttp.ClientSession,
 ) -> None:
+    # The request asks for no brotli (see the next test); an upstream that sends it anyway
+    # gets its stream refused: relaying it would leave a run nobody can replay.
     sc = await make_sidecar()
     body = b"\x0b\x1f\x80not-really-brotli\x03"
 
@@ -601,12 +603,41 @@ async def test_event_stream_in_an_encoding_the_tee_cannot_read_is_relayed_untouc
         )
 
     upstream.raw("/v1/stream", handler)
-    view = await stream(http, sc.url + "/v1/stream")
-    assert view.status == 200
-    assert view.body == body
-    assert view.headers["Content-Encoding"] == "br"
+    view = await stream(http, sc.url + "/v1/stream", headers={"Accept-Encoding": "br"})
+    assert view.status == 502
+    assert json.loads(view.body)["error"]["type"] == "unsupported_encoding"
+    assert body not in view.body
     assert "X-Sidecar-Run-Id" not in view.headers
+    assert upstream.requests[0].headers["Accept-Encoding"] == "identity"
+    assert sc.metric("sse_sidecar_upstream_rejected_total", reason="unsupported_encoding") == 1
     assert await redis_keys(redis_client) == []
+
+
+@pytest.mark.parametrize(
+    ("sent", "forwarded"),
+    [
+        ("br, zstd", "identity"),
+        ("gzip, deflate, br, zstd", "gzip, deflate"),
+        ("br;q=1.0, GZIP;q=0.5, *;q=0.1", "GZIP;q=0.5"),
+        ("identity", "identity"),
+        ("*", "identity"),
+        ("x-gzip , deflate;q=0", "x-gzip, deflate;q=0"),
+    ],
+)
+async def test_accept_encoding_asks_only_for_codings_the_tee_can_decode(
+    upstream: Upstream,
+    make_sidecar: SidecarFactory,
+    http: aiohttp.ClientSession,
+    sent: str,
+    forwarded: str,
+) -> None:
+    # Whether a response is an event stream is known only when it comes: every request asks
+    # for what the tee decodes, so that no event stream ever has to be relayed unstored.
+    sc = await make_sidecar()
+    upstream.json("/v1/list", {"ok": True})
+    async with http.get(sc.url + "/v1/list", headers={"Accept-Encoding": sent}) as resp:
+        assert resp.status == 200
+    assert upstream.requests[0].headers["Accept-Encoding"] == forwarded
 
 
 async def test_x_forwarded_for_keeps_every_prior_hop(

@@ -231,12 +231,13 @@ async def test_upstream_chosen_id_of_a_running_run_is_409(
     assert b'"z"' not in body
 
 
-async def test_a_finished_run_id_can_be_used_again_and_replaces_the_stream(
+async def test_with_run_id_reuse_replace_a_finished_run_id_can_be_used_again(
     upstream: Upstream,
-    sidecar: Sidecar,
+    make_sidecar: SidecarFactory,
     redis_client: redis.asyncio.Redis,
     http: aiohttp.ClientSession,
 ) -> None:
+    sidecar = await make_sidecar(run_id_reuse="replace")
     upstream.sse("/v1/one", [token("a"), token("b"), token("c")])  # ends badly: error meta
     upstream.sse("/v1/two", [token("x"), stop("end_turn"), DONE])
     first = await stream(http, sidecar.url + "/v1/one", headers={"X-Run-Id": "again"})
@@ -260,7 +261,9 @@ async def test_a_finished_run_id_can_be_used_again_and_replaces_the_stream(
     assert new["stop_reason"] == "end_turn"
     assert "error" not in new  # the old run's meta is gone, not merged
     assert new["producer"] != old["producer"]
+    assert new["generation"] != old["generation"]
     assert int(new["created_ms"]) >= int(old["finished_ms"])
+    assert sidecar.metric("sse_sidecar_run_id_reuse_total", outcome="replaced") == 1
 
 
 async def test_a_second_sidecar_gets_409_for_a_run_the_first_is_producing(
@@ -270,7 +273,7 @@ async def test_a_second_sidecar_gets_409_for_a_run_the_first_is_producing(
     http: aiohttp.ClientSession,
 ) -> None:
     one = await make_sidecar()
-    two = await make_sidecar()
+    two = await make_sidecar(run_id_reuse="replace")
     gate = Gate()
     upstream.sse(PATH, [token("a"), gate, token("b"), stop("end_turn"), DONE])
     upstream.sse("/v1/other", [token("z"), stop("end_turn"), DONE])
@@ -319,10 +322,11 @@ async def test_an_upstream_x_sidecar_run_id_header_is_replaced(
 
 async def test_a_run_id_can_be_reused_as_soon_as_the_run_finished(
     upstream: Upstream,
-    sidecar: Sidecar,
+    make_sidecar: SidecarFactory,
     redis_client: redis.asyncio.Redis,
     http: aiohttp.ClientSession,
 ) -> None:
+    sidecar = await make_sidecar(run_id_reuse="replace")
     after_done = Gate()
     # The upstream keeps its response open a little after [DONE], as servers may.
     upstream.sse("/v1/one", [token("a"), stop("end_turn"), DONE, after_done])

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 
+from sidecar.errors import RunConflict
 from sidecar.keys import Keys, RunId
 from sidecar.store import RunStore
 from sidecar.store.runstore import APPEND_SCRIPT, APPEND_SHA
@@ -194,12 +195,13 @@ async def test_append_script_retried_with_the_same_batch_stores_each_seq_once(
     # event quads
     head = ["prod-a", "1", "30000", "60000", "100000", 0, "0", 1, "status", "running"]
     batch = [*head, *quad(1), *quad(2)]
-    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2, 0]
+    # {0, added, trimmed, last_seq, rebuilt, replaced}
+    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2, 0, 0]
     # The reply was "lost": the same batch again (the writer would still send claim=1).
-    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2, 0]
+    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2, 0, 0]
     # A later retry that overlaps: only the new seq is added.
     again = ["prod-a", "0", "30000", "60000", "100000", 2, "0", 0, *quad(2), *quad(3)]
-    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3, 0]
+    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3, 0, 0]
     rows = await stored(redis_client, run_id)
     assert seqs(rows) == [1, 2, 3]
     assert [r["id"] for r in rows] == ["1-0", "2-0", "3-0"]
@@ -212,8 +214,8 @@ async def test_append_script_retried_with_the_same_batch_stores_each_seq_once(
     # The same batch with allow_gap: the hole is recorded as lost, and retrying it changes
     # nothing (the hole is recorded once).
     hole = ["prod-a", "0", "30000", "60000", "100000", 3, "1", 0, *quad(4), *quad(6)]
-    assert await run_script(redis_client, run_id, *hole) == [0, 2, 0, 6, 0]
-    assert await run_script(redis_client, run_id, *hole) == [0, 0, 0, 6, 0]
+    assert await run_script(redis_client, run_id, *hole) == [0, 2, 0, 6, 0, 0]
+    assert await run_script(redis_client, run_id, *hole) == [0, 0, 0, 6, 0, 0]
     assert seqs(await stored(redis_client, run_id)) == [1, 2, 3, 4, 6]
     h = await meta(redis_client, run_id)
     assert (h["last_seq"], h["lost_ranges"], h["lost_events"]) == ("6", "5-5", "1")
@@ -382,7 +384,9 @@ async def test_open_of_a_run_with_a_live_lease_of_another_producer_is_refused(
     refused = b.open(RunId("conflict-1"), "prod-b", {"status": "running"})
     # Refused in the writer's round trip: the claim says who holds the run, and the run is
     # fenced (nothing of it is ever written).
-    assert await refused.claim == "prod-a"
+    refusal = await refused.claim
+    assert isinstance(refusal, RunConflict)
+    assert (refusal.producer, refusal.run_id) == ("prod-a", "conflict-1")
     assert refused.fenced == "conflict"
     assert not b.append(refused, 1, ev(1))
     assert sample(bm, "writer_dropped_events_total", reason="conflict") == 1
@@ -607,4 +611,6 @@ async def test_a_run_whose_history_was_lost_still_refuses_a_second_producer(
     assert h.get("status") == "running"
     b, _ = writers()
     refused = b.open(RunId("lost-2"), "prod-b", {"status": "running"})
-    assert await refused.claim == "prod-a"
+    refusal = await refused.claim
+    assert isinstance(refusal, RunConflict)
+    assert refusal.producer == "prod-a"

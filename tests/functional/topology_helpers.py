@@ -18,7 +18,7 @@ from sidecar.keys import Keys, RunId
 from sidecar.store.runstore import APPEND_SCRIPT
 
 KEYS = Keys()
-_RETURN = "return {0, added, trimmed, last}"
+_RETURN = "return {0, added, trimmed, last, rebuilt, replaced}"
 # The append script with the live tail's wake-up (cluster_tail.py): the change the store would
 # make to append.lua. The channel has the run's hash tag, so the script stays slot-local.
 TAIL_APPEND_SCRIPT = APPEND_SCRIPT.replace(
@@ -88,7 +88,7 @@ class Producer:
     def _args(self, run: str, upto: int) -> list[Any]:
         known = self.acked.get(run, 0)
         args: list[Any] = [stream_key(run), stream_key(run) + ":meta"]
-        args += ["producer-1", "1" if known == 0 else "0", 30000, 600000, 100000, known, 0]
+        args += ["producer-1", "1" if known == 0 else "0", 30000, 600000, 100000, known, "0", 0]
         for seq in range(known + 1, upto + 1):
             args += [seq, f"{run}:{seq}" + "x" * self.pad, 1, "false"]
         return args

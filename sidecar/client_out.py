@@ -1,0 +1,145 @@
+"""The live client of a run: fed by the tee, never waited on.
+
+The tee hands each batch of event bytes to ``LiveClient.send``, which only queues them; a task of
+the client's own writes them to its socket. So a client that stops reading can delay nothing but
+itself: once ``buffer_bytes`` wait for it (queued, or handed to a write that has not finished),
+or one write has waited ``write_timeout`` seconds, the client is *cut*: its connection is aborted
+(an unfinished body, never a clean end that would look like a finished run) and it resumes with
+``Last-Event-ID`` through the replay API, while the tee goes on storing the run to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from sidecar.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+# SO_LINGER on with a zero timeout: closing the socket resets the connection at once.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class LiveClient:
+    def __init__(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        *,
+        run_id: str,
+        buffer_bytes: int,
+        write_timeout: float,
+        metrics: Metrics,
+        on_left: Callable[[], None],
+    ) -> None:
+        self._request = request
+        self._resp = resp
+        self._run_id = run_id
+        self._bound = buffer_bytes
+        self._timeout = write_timeout
+        self._m = metrics
+        self._on_left = on_left
+        self._queue: list[bytes] = []
+        self._held = 0  # bytes queued plus bytes in the write under way
+        self._ending = False
+        self._cut_at_end = False
+        self._wake = asyncio.Event()
+        self.cut = False  # disconnected by the sidecar for being too slow
+        self.left = False  # went away by itself
+        self._task = asyncio.create_task(self._pump(), name=f"live-client:{run_id}")
+
+    @property
+    def gone(self) -> bool:
+        return self.cut or self.left
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the client; cuts it instead when they would pass its bound."""
+        if self.gone or self._ending:
+            return
+        if self._held + len(data) > self._bound:
+            self._cut("buffer", f"{self._held + len(data)} bytes would wait for it")
+            return
+        self._queue.append(data)
+        self._held += len(data)
+        self._wake.set()
+
+    def end(self, *, cut: bool = False) -> None:
+        """Nothing more will be sent: write what is queued, then end the response (``cut``:
+        abort the connection instead, an unfinished body, as a broken upstream stream is)."""
+        self._ending = True
+        self._cut_at_end = cut
+        self._wake.set()
+
+    async def finished(self) -> None:
+        """Until the client has every byte and the end of the response, or is gone."""
+        await asyncio.shield(self._task)
+
+    def abandon(self) -> None:
+        """The handler is going away (the client left): stop writing."""
+        self.left = True
+        self._task.cancel()
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue and not self.gone:
+                    out = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+                    self._queue.clear()
+                    if not await self._write(self._resp.write(out)):
+                        return
+                    self._held -= len(out)
+                if self.gone:
+                    return
+                if self._ending:
+                    if self._cut_at_end:
+                        self._abort()
+                    else:
+                        await self._write(self._resp.write_eof())
+                    return
+        except (ConnectionError, RuntimeError):
+            # Written to a connection that had closed (or that a cut aborted meanwhile).
+            if not self.gone:
+                self.left = True
+                self._on_left()
+
+    async def _write(self, write: Awaitable[None]) -> bool:
+        """Await one write within the timeout; False when the client was cut for it."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await write
+        except TimeoutError:
+            self._cut("write_timeout", f"a write waited {self._timeout:g}s")
+            return False
+        return True
+
+    def _cut(self, reason: str, why: str) -> None:
+        self.cut = True
+        self._queue.clear()
+        self._m.live_clients_cut.labels(reason).inc()
+        log.warning(
+            "live client cut (%s): it can resume with Last-Event-ID",
+            why,
+            extra={"run_id": self._run_id, "reason": reason},
+        )
+        if (transport := self._request.transport) is not None:
+            # A reset, not a close: a close would leave the unread bytes in the kernel, sending
+            # them to a client that does not read, and look like an orderly end.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            transport.abort()
+        self._wake.set()
+
+    def _abort(self) -> None:
+        """End with an unfinished body once every byte was written (a close, not a reset: the
+        client did read, and gets what was sent before the end)."""
+        if (transport := self._request.transport) is not None:
+            transport.close()
