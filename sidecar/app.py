@@ -178,7 +178,7 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
 async def _runs(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     store, metrics = app[STORE], app[METRICS]
-    runs = RunRegistry(app[WRITER], s.lease_seconds, metrics)
+    runs = RunRegistry(app[WRITER], s.lease_seconds, metrics, keepalive_seconds=s.heartbeat_seconds)
     finalizer = Finalizer(
         store,
         metrics,

@@ -91,7 +91,10 @@ class Settings(BaseSettings):
         "continue", description="Keep reading the upstream when the client leaves, or cancel it."
     )
     heartbeat_seconds: float = Field(
-        15.0, gt=0, description="Interval of ': ping' comments on idle replay streams."
+        15.0,
+        gt=0,
+        description="Interval of keep-alive comments on idle streams: ': ping' to replay "
+        "readers, ': keep-alive' to a live client whose upstream is silent.",
     )
     replay_token: SecretStr | None = Field(
         None, description="Bearer token required by the replay, status and cancel routes."

@@ -61,17 +61,24 @@ class ActiveRun(Protocol):
 
     def cancel(self, cause: EndCause) -> None: ...
 
+    def keepalive(self, now: float, interval: float) -> None: ...
+
     def wait(self) -> Awaitable[None]: ...
 
 
 class RunRegistry:
-    """Runs this process is producing, and the task that renews their leases."""
+    """Runs this process is producing, the task that renews their leases, and the one that keeps
+    their idle clients' connections alive (one timer for every run, not one per read)."""
 
-    def __init__(self, writer: Writer, lease_seconds: float, metrics: Metrics) -> None:
+    def __init__(
+        self, writer: Writer, lease_seconds: float, metrics: Metrics, *, keepalive_seconds: float
+    ) -> None:
         self._writer = writer
         self._lease_seconds = lease_seconds
+        self._keepalive_seconds = keepalive_seconds
         self._runs: dict[str, ActiveRun] = {}
         self._background = Background("sse-leases", self._renew_leases, metrics)
+        self._keepalives = Background("sse-keepalive", self._keep_alive, metrics)
 
     def __contains__(self, run_id: str) -> bool:
         return run_id in self._runs
@@ -102,9 +109,20 @@ class RunRegistry:
 
     def start(self) -> None:
         self._background.start()
+        self._keepalives.start()
 
     async def stop(self) -> None:
+        await self._keepalives.stop()
         await self._background.stop()
+
+    async def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, self._keepalive_seconds / 2)
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for run in self:
+                run.keepalive(now, self._keepalive_seconds)
 
     def renew_all(self, *, resend_initial: bool = False) -> None:
         self._writer.renew((run.stream for run in self), resend_initial=resend_initial)

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # read and dropped, within these bounds, before the connection is given back.
 UPSTREAM_SETTLE_SECONDS = 1.0
 UPSTREAM_SETTLE_BYTES = 64 << 10
+KEEPALIVE = encode_comment(" keep-alive")
 
 
 class Tee:
@@ -99,6 +100,8 @@ class Tee:
         self._cancel_cause: EndCause | None = None
         self._client_left = False
         self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self._sent_at = self._loop.time()  # when the client was last sent anything
         # Blocks without data (retry only): sent and stored with the next event, so that a
         # replay gets them exactly where the live client did.
         self._carry: list[bytes] = []
@@ -373,6 +376,16 @@ class Tee:
         self._out.clear()
         if self._client is not None:
             self._client.send(out)
+            self._sent_at = self._loop.time()
+
+    def keepalive(self, now: float, interval: float) -> None:
+        """Called about every second: when the client got nothing for ``interval`` seconds (the
+        upstream is silent: a model thinking, or one that stalled after an error event), send a
+        comment, so that proxies and load balancers between the client and the sidecar do not
+        close an idle stream. Comments are neither stored nor numbered."""
+        if self._client is not None and now - self._sent_at >= interval:
+            self._client.send(KEEPALIVE)
+            self._sent_at = now
 
     async def _finish(self, cause: EndCause | None, detail: str | None) -> None:
         # When the upstream's own terminal came, the outcome exists already and synthesizes

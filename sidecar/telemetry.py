@@ -71,6 +71,7 @@ REDIS_OPERATIONS = (
 BACKGROUND_TASKS = (
     "sse-writer",
     "sse-leases",
+    "sse-keepalive",
     "sse-orphan-sweep",
     "sse-cancel-listener",
     "sse-follower",

@@ -19,16 +19,19 @@ import redis.asyncio
 
 from sidecar.keys import RunId
 from sidecar.sse import Event, SSEDecoder
+from sidecar.tee import KEEPALIVE
 from tests.conftest import HANG, RESET, Gate, Sidecar, SidecarFactory, Step, Upstream
 from tests.functional.helpers import (
     DONE,
     ClientView,
+    LiveReader,
     data,
     error,
     meta,
     nonzero,
     payloads,
     read_events,
+    read_until_bytes,
     samples,
     stop,
     stored,
@@ -355,6 +358,36 @@ async def test_read_timeout_is_upstream_timeout(
         stop_reason="error",
         forced_done="upstream_timeout",
         live=view.body,
+    )
+
+
+async def test_a_silent_upstream_gets_the_client_keep_alive_comments(
+    upstream: Upstream,
+    make_sidecar: SidecarFactory,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    # An upstream that stalls after its error event holds the run until the read timeout: the
+    # client must hear from the sidecar meanwhile, or a proxy in between closes the stream.
+    sc = await make_sidecar(heartbeat_seconds=0.2, upstream_read_timeout_seconds=1.5)
+    upstream.sse("/v1/stalls", [token("a"), error("overloaded"), HANG])
+    async with http.post(sc.url + "/v1/stalls", json={}) as resp:
+        reader = LiveReader(resp)
+        await reader.until(2)
+        # Three keep-alives while the upstream says nothing (0.2 s apart, before the timeout).
+        await read_until_bytes(reader, KEEPALIVE, count=3, timeout=5)
+        body = await reader.rest()
+    run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
+    # The comments went to the client only: the stored run is the events, and it ends with the
+    # read timeout's terminal after the upstream's own error.
+    await check_run(
+        sc,
+        redis_client,
+        run_id,
+        status="failed",
+        stop_reason="error",
+        forced_done="upstream_timeout",
+        live=body.replace(KEEPALIVE, b""),
     )
 
 
