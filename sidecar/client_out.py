@@ -11,6 +11,7 @@ or one write has waited ``write_timeout`` seconds, the client is *cut*: its conn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -24,6 +25,19 @@ log = logging.getLogger(__name__)
 
 # SO_LINGER on with a zero timeout: closing the socket resets the connection at once.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Cut a client that stopped reading. A reset, not a close: a close would leave the unread
+    bytes in the kernel (and the connection open) for a client that does not read, and look
+    like an orderly end."""
+    if transport.is_closing() and transport.get_extra_info("socket") is None:
+        return  # gone already
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 class LiveClient:
@@ -130,12 +144,7 @@ class LiveClient:
             extra={"run_id": self._run_id, "reason": reason},
         )
         if (transport := self._request.transport) is not None:
-            # A reset, not a close: a close would leave the unread bytes in the kernel, sending
-            # them to a client that does not read, and look like an orderly end.
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            transport.abort()
+            reset(transport)
         self._wake.set()
 
     def _abort(self) -> None:

@@ -27,6 +27,7 @@ from opentelemetry.trace import Tracer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sidecar.auth import Grant
+from sidecar.client_out import reset
 from sidecar.errors import ApiError, BodyTimeout, RequestTooLarge, StoreError
 from sidecar.follow import Follower
 from sidecar.keys import RunId
@@ -43,7 +44,11 @@ DEFAULT_BATCH = 100
 MAX_BATCH = 10_000
 MAX_CURSOR = 10**18 - 1  # what fits the header and query forms (18 digits)
 MAX_BODY_BYTES = 64 << 10  # a replay body is four small fields
+# How long a reader cut for not reading keeps its connection to take what was sent already.
+SLOW_READER_LINGER_SECONDS = 1.0
 MAX_BODY_BYTES = 64 << 10  # a replay body is four small fields
+# How long a reader cut for not reading keeps its connection to take what was sent already.
+SLOW_READER_LINGER_SECONDS = 1.0
 PING_COMMENT = encode_comment(" ping")
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -87,6 +92,7 @@ class _Sent:
     """What one replay stream has sent so far."""
 
     events: int = 0
+    slow: bool = False  # cut because it stopped reading
 
 
 _FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -195,7 +201,12 @@ class Replayer:
             sent = _Sent()
             try:
                 complete = await self._send_all(resp, run_id, cursor, params, sent, meta.last_seq)
-            except (ConnectionError, TimeoutError, RuntimeError, OSError, StoreError) as exc:
+            except TimeoutError as exc:
+                # A write that waited write_timeout: the reader stopped reading.
+                sent.slow = True
+                span.record_exception(exc)
+                log.info("replay reader cut: a write timed out", extra={"run_id": run_id})
+            except (ConnectionError, RuntimeError, OSError, StoreError) as exc:
                 span.record_exception(exc)
                 log.info("replay stream cut: %s", exc, extra={"run_id": run_id})
             finally:
@@ -208,8 +219,13 @@ class Replayer:
                 await resp.write_eof()
         elif request.transport is not None:
             # Cut before the end: an unterminated body tells the client to resume (with
-            # Last-Event-ID), where a clean end would look like a finished run.
-            request.transport.close()
+            # Last-Event-ID), where a clean end would look like a finished run. A close lets a
+            # reader that still reads take every complete event sent; one that stopped reading
+            # would hold the connection (and its unsent bytes) open, so it is reset soon after.
+            transport = request.transport
+            transport.close()
+            if sent.slow:
+                asyncio.get_running_loop().call_later(SLOW_READER_LINGER_SECONDS, reset, transport)
         return resp
 
     async def _check_retained(self, meta: RunMeta, cursor: int) -> None:
@@ -270,6 +286,7 @@ class Replayer:
                 if sub.closed:
                     return False
                 if sub.overflowed:
+                    sent.slow = True
                     log.warning(
                         "replay reader cut (too slow): it can resume from seq %d",
                         cursor,
