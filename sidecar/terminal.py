@@ -214,9 +214,14 @@ class DialectTracker(ABC):
         """Record one upstream data event; ``payload`` is its data parsed as JSON, if it parsed.
         Events after the terminal are ignored."""
 
-    @abstractmethod
     def natural_status(self) -> Status:
-        """The status of a run whose own terminal came."""
+        """The status of a run whose own terminal came: failed once an error was seen, else its
+        stop reason's (an unknown one: completed), else ``default_status``."""
+        if self.saw_error:
+            return Status.FAILED
+        if self.stop_reason is None:
+            return self.default_status
+        return self.STOP_REASONS.get(self.stop_reason, Status.COMPLETED)
 
     @abstractmethod
     def synthesize(

@@ -78,13 +78,6 @@ class AnthropicTracker(DialectTracker):
                 self._set_protocol_id(message.get("id"))
         return ()
 
-    def natural_status(self) -> Status:
-        if self.saw_error:
-            return Status.FAILED
-        if self.stop_reason is None:
-            return self.default_status
-        return STOP_REASON_STATUS.get(self.stop_reason, Status.COMPLETED)
-
     def synthesize(
         self, forced: ForcedDone, cause: EndCause, detail: str | None
     ) -> tuple[Status, str | None, Any, tuple[Synthesized, ...]]:

@@ -78,13 +78,6 @@ class OpenAIChatTracker(DialectTracker):
             return DONE_AFTER_ERROR_TRANSITIONS if self.saw_error else DONE_TRANSITIONS
         return ()
 
-    def natural_status(self) -> Status:
-        if self.saw_error:
-            return Status.FAILED
-        if self.stop_reason is None:
-            return self.default_status
-        return FINISH_REASON_STATUS.get(self.stop_reason, Status.COMPLETED)
-
     def synthesize(
         self, forced: ForcedDone, cause: EndCause, detail: str | None
     ) -> tuple[Status, str | None, Any, tuple[Synthesized, ...]]:
