@@ -214,7 +214,7 @@ async def orphan(
     async def swept() -> bool:
         async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}") as resp:
             assert resp.status == 200
-            return (await resp.json())["forced_done"] == "producer_lost"
+            return bool((await resp.json())["forced_done"] == "producer_lost")
 
     await eventually(swept, what="the orphan sweep")
 
