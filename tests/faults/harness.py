@@ -625,40 +625,43 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-@dataclass
 class Poller:
-    """Status calls and short replays against runs while a fault heals, recording answers."""
+    """Status calls against runs, every 0.1 s, while a fault comes and goes (``async with``)."""
 
-    http: aiohttp.ClientSession
-    sidecar: SidecarProcess
-    run_ids: list[str]
-    answers: list[tuple[float, int, str]] = field(default_factory=list)  # (t, status, run status)
-    _task: asyncio.Task[None] | None = None
+    def __init__(
+        self, http: aiohttp.ClientSession, sidecar: SidecarProcess, run_ids: Sequence[str]
+    ) -> None:
+        self.answers: list[tuple[float, int, str]] = []  # (sent at, HTTP status, forced_done)
+        self._http = http
+        self._sidecar = sidecar
+        self._run_ids = list(run_ids)
+        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    async def __aenter__(self) -> Poller:
         self._task = asyncio.create_task(self._loop())
+        return self
 
-    async def stop(self) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
         await asyncio.wait([self._task])
 
     async def _loop(self) -> None:
         while True:
-            for run_id in self.run_ids:
+            for run_id in self._run_ids:
+                sent = time.monotonic()
                 try:
-                    async with self.http.get(self.sidecar.run_url(run_id)) as resp:
+                    async with self._http.get(self._sidecar.run_url(run_id)) as resp:
                         body = await resp.json() if resp.status == 200 else {}
-                        self.answers.append(
-                            (time.monotonic(), resp.status, str(body.get("forced_done")))
-                        )
+                    self.answers.append((sent, resp.status, str(body.get("forced_done"))))
                 except aiohttp.ClientError as exc:
-                    self.answers.append((time.monotonic(), 0, type(exc).__name__))
+                    self.answers.append((sent, 0, type(exc).__name__))
             await asyncio.sleep(0.1)
 
 
 class Readers:
-    """Replay readers from 0 that follow runs live (one real HTTP client each)."""
+    """Replay readers from 0 that follow runs live (one real HTTP client each; ``async with``
+    stops what is still reading)."""
 
     def __init__(
         self, http: aiohttp.ClientSession, sidecar: SidecarProcess, run_ids: Sequence[str]
@@ -667,7 +670,13 @@ class Readers:
         self.ends: dict[str, str] = {}
         self._http = http
         self._sidecar = sidecar
+        self._started: set[str] = set()
+        self._all_started = asyncio.Event()
         self._tasks = [asyncio.create_task(self._read(run_id)) for run_id in run_ids]
+
+    async def reading(self, timeout: float = 30.0) -> None:
+        """Wait until every reader has its first bytes (so the stream is open)."""
+        await asyncio.wait_for(self._all_started.wait(), timeout)
 
     async def _read(self, run_id: str) -> None:
         try:
@@ -677,6 +686,10 @@ class Readers:
                     return
                 async for chunk in resp.content.iter_any():
                     self.bodies[run_id] += chunk
+                    if run_id not in self._started:
+                        self._started.add(run_id)
+                        if len(self._started) == len(self.bodies):
+                            self._all_started.set()
             self.ends[run_id] = "eof"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self.ends[run_id] = f"cut ({type(exc).__name__})"
@@ -685,7 +698,10 @@ class Readers:
         _, pending = await asyncio.wait(self._tasks, timeout=timeout)
         assert not pending, f"{len(pending)} replay readers still reading"
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> Readers:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.wait(self._tasks)
