@@ -23,7 +23,8 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
-from redis.backoff import EqualJitterBackoff
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff, NoBackoff
 
 from sidecar.errors import StoreError, StoreUnavailable
 from sidecar.keys import Keys, RunId
@@ -223,6 +224,11 @@ class RunStore:
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # A pooled connection that died while idle (Redis restarted, failed over, or the
+            # network reset it) fails its next command at once: send that command again on a
+            # fresh connection instead of answering 503 while Redis is reachable. Every command
+            # here is idempotent; a timeout is not retried (a hung Redis must not cost twice).
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
         )
         self._redis = Redis(connection_pool=self._pool)
         self._epoch: str | None = None
