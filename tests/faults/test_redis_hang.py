@@ -60,9 +60,12 @@ async def test_redis_out_of_reach_over_the_lease(
 ) -> None:
     redis = make_redis(aof=True)
     client = direct(redis)
-    net = await forwarder(redis)
+    # Each replica reaches Redis through its own link, so that the producer's can heal last.
+    net_a, net_b = await forwarder(redis), await forwarder(redis)
     flags = {"lease_seconds": lease, "heartbeat_seconds": 1}
-    a, b = await asyncio.gather(sidecars("a", net.url, **flags), sidecars("b", net.url, **flags))
+    a, b = await asyncio.gather(
+        sidecars("a", net_a.url, **flags), sidecars("b", net_b.url, **flags)
+    )
     # Each run streams through the outage and for two leases after it (when a sweep would
     # strike), counted in events so that a slow machine stretches the run, not the verdict.
     after = int(2 * lease / interval)
@@ -75,17 +78,27 @@ async def test_redis_out_of_reach_over_the_lease(
             if fault == "sigstop":
                 redis.pause()
             else:
-                net.blackhole()
+                net_a.blackhole()
+                net_b.blackhole()
             began = time.monotonic()
             await asyncio.sleep(outage)  # the outage's length is the case: nothing to await
             if fault == "sigstop":
                 redis.resume()
             else:
-                net.reset()  # what was held is lost with the connections, as in a failover
-                net.pass_()
+                # What was held is lost with the connections, as in a failover. The producer
+                # gets through half a lease after the other replica (as when its writer was in
+                # a retry backoff): every lease in Redis has expired by then, and the other
+                # replica's sweep must not take that for a dead producer.
+                net_b.reset()
+                net_b.pass_()
+                early = await asyncio.gather(*(replay_head(http, b, r) for r in run_ids[:10]))
+                await asyncio.sleep(lease / 2)
+                net_a.reset()
+                net_a.pass_()
             healed = time.monotonic()
-            # Replays from 0 right after, while every lease in Redis has expired.
-            early = await asyncio.gather(*(replay_head(http, b, r) for r in run_ids[:10]))
+            if fault == "sigstop":
+                # Replays from 0 right after, while every lease in Redis has expired.
+                early = await asyncio.gather(*(replay_head(http, b, r) for r in run_ids[:10]))
             await traffic.received(live, after, timeout=after * interval * 10 + 60)
             for run in live:
                 run.max_events = len(run.sent)  # finish now
