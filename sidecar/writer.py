@@ -74,7 +74,7 @@ class RunStream:
     pending_bytes: int = 0
     dropping: bool = False  # events do not fit the backlog bound: they are being dropped
     holes: int = 0
-    gap_before: int = 0  # the first seq stored after a hole (the script records the hole)
+    resumed: set[int] = field(default_factory=set)  # first seqs stored after an unwritten hole
     fenced: str | None = None  # why nothing of this run can be written any more
     urgent: bool = False  # a claim, renewal or rebuild waits to be sent
     failures: int = 0
@@ -261,7 +261,7 @@ class Writer:
     def _resume(self, run: RunStream, seq: int) -> None:
         run.dropping = False
         run.holes += 1
-        run.gap_before = seq
+        run.resumed.add(seq)
         log.info(
             "run %s: stored again from seq %d after a hole",
             run.run_id,
@@ -383,9 +383,9 @@ class Writer:
             for ev in events:
                 if ev.meta:
                     meta.update(ev.meta)
-            gap = run.gap_before > run.written_seq and any(
-                ev.seq >= run.gap_before for ev in events
-            )
+            # Holes the writer made (overflow) are recorded by the script; any other gap is
+            # refused by it.
+            gap = _only_own_holes(run.written_seq, events, run.resumed)
             ops.append(
                 AppendOp(
                     run.run_id, run.producer, not run.claimed, run.written_seq, gap, meta, events
@@ -440,6 +440,8 @@ class Writer:
         if result.rebuilt:
             self._history_lost(run)
         run.written_seq = result.last_seq
+        if run.resumed:
+            run.resumed = {seq for seq in run.resumed if seq > run.written_seq}
         complete = False
         for _ in range(n):
             ev = run.events.popleft()
@@ -507,3 +509,19 @@ class Writer:
         )
         if run.failures >= MAX_SCRIPT_FAILURES:
             self._discard(run, "redis_rejected")
+
+
+def _only_own_holes(written: int, events: Iterable[Pending], resumed: set[int]) -> bool:
+    """Whether these events (in order, after ``written``) skip seqs, and only where the writer
+    dropped them: right before a seq in ``resumed``. A batch may carry any number of those
+    holes, not only the newest one (a run can overflow again before the events ahead of its
+    first hole are written)."""
+    expected = written + 1
+    holes = False
+    for ev in events:
+        if ev.seq != expected:
+            if ev.seq not in resumed:
+                return False
+            holes = True
+        expected = ev.seq + 1
+    return holes
