@@ -133,16 +133,18 @@ class SidecarProcess:
             assert resp.status == 200
             return Scrape(await resp.text())
 
-    async def settled(self, http: aiohttp.ClientSession, timeout: float = 30.0) -> Scrape:
-        """Wait until no run is active and the writer holds nothing; the last scrape."""
+    async def settled(
+        self, http: aiohttp.ClientSession, timeout: float = 30.0, *, runs_too: bool = True
+    ) -> Scrape:
+        """Wait until the writer holds nothing (and, with ``runs_too``, no run is active);
+        the last scrape."""
         last: list[Scrape] = []
 
         async def quiet() -> bool:
             scrape = await self.scrape(http)
             last[:] = [scrape]
-            return (
-                scrape.value("sse_sidecar_runs_active") == 0
-                and scrape.value("sse_sidecar_writer_pending_events") == 0
+            return scrape.value("sse_sidecar_writer_pending_events") == 0 and (
+                not runs_too or scrape.value("sse_sidecar_runs_active") == 0
             )
 
         # Another process's state has no event to await.
@@ -340,9 +342,12 @@ class Traffic:
         for task in done:
             task.result()
 
-    async def received(self, runs: Sequence[Run], events: int, timeout: float = 30.0) -> None:
-        """Wait until every run's live client got at least ``events`` more events."""
-        targets = {run: run.live_events + events for run in runs}
+    async def received(
+        self, runs: Sequence[Run], events: int, timeout: float = 30.0, *, more: bool = True
+    ) -> None:
+        """Wait until every run's live client got ``events`` more events (or, with
+        ``more=False``, at least ``events`` in all)."""
+        targets = {run: run.live_events * more + events for run in runs}
 
         async def all_there() -> bool:
             return all(run.live_events >= n for run, n in targets.items())
