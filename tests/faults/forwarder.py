@@ -53,6 +53,7 @@ class Forwarder:
         self.delay = 0.0
         self.accepted = 0
         self.resets = 0
+        self.relayed = 0  # bytes delivered, both ways
         self._mode = Mode.PASS
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -175,6 +176,7 @@ class Forwarder:
                 await self._flowing.wait()
                 if not chunk:
                     return
+                self.relayed += len(chunk)
                 dst.write(chunk)
                 await dst.drain()
         except OSError:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import redis.asyncio
@@ -240,6 +240,11 @@ class Run:
         return self.t_first - self.t_start
 
     @property
+    def headers_seconds(self) -> float:
+        assert self.t_headers is not None, f"{self.key}: no response"
+        return self.t_headers - self.t_start
+
+    @property
     def live(self) -> dict[int, bytes]:
         return numbered(split_raw(self.body))
 
@@ -287,6 +292,13 @@ def numbered(events: Iterable[bytes]) -> dict[int, bytes]:
     return out
 
 
+class HasUrl(Protocol):
+    """Where traffic goes: a sidecar, or the upstream itself (a baseline without the sidecar)."""
+
+    @property
+    def url(self) -> str: ...
+
+
 class Traffic:
     """Runs streamed through sidecars: the upstream's side (on ``PATH`` of the test's real
     aiohttp upstream) and the live clients' side (one real HTTP client per run)."""
@@ -310,7 +322,7 @@ class Traffic:
 
     def start(
         self,
-        sidecar: SidecarProcess,
+        sidecar: HasUrl,
         n: int,
         *,
         prefix: str = "r",
@@ -354,7 +366,7 @@ class Traffic:
 
         await eventually(all_there, timeout=timeout, what=f"{events} more live events per run")
 
-    async def _client(self, sidecar: SidecarProcess, run: Run, chosen: bool) -> None:
+    async def _client(self, sidecar: HasUrl, run: Run, chosen: bool) -> None:
         headers = {KEY_HEADER: run.key}
         if chosen:
             headers["X-Run-Id"] = run.key

@@ -72,6 +72,7 @@ async def test_pass_relays_every_byte_in_order(forwarder: Forwarder) -> None:
     payload = os.urandom(3 << 20)  # many chunks each way
     writer.write(payload)
     assert await echoed(reader, len(payload)) == payload
+    assert forwarder.relayed == 2 * len(payload)
     assert forwarder.accepted == 1
     assert forwarder.open_connections == 1
     writer.close()
@@ -103,9 +104,11 @@ async def test_blackhole_accepts_and_holds_then_delivers_on_pass(
     old_writer.write(b"held")
     new_reader, new_writer = await connect(forwarder)  # the connect itself succeeds
     new_writer.write(b"new")
+    relayed = forwarder.relayed
     for reader in (old_reader, new_reader):
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(reader.read(1), 0.3)
+    assert forwarder.relayed == relayed
     assert forwarder.accepted == 2
     forwarder.pass_()
     assert await echoed(old_reader, 4) == b"held"
