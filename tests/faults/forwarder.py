@@ -9,6 +9,7 @@ decides what the network does, for the connections already open and for new ones
   ``pass`` (TCP would retransmit it), unless ``reset`` cut the connection first.
 - ``reset()``: every open connection is aborted with a TCP RST on both sides (a failover, a
   dead load balancer); new connections are accepted again in the current mode.
+- ``retarget(port)``: new connections go to another Redis (with ``reset``: a failover).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class Forwarder:
 
     def pass_(self) -> None:
         self.set_mode(Mode.PASS)
+
+    def retarget(self, port: int) -> None:
+        """New connections go to this port (a failover: the old ones are left to ``reset``)."""
+        self.target = (self.target[0], port)
 
     def reset(self) -> int:
         """Abort every open connection with an RST on both sides; how many there were."""

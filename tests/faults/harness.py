@@ -292,6 +292,17 @@ def numbered(events: Iterable[bytes]) -> dict[int, bytes]:
     return out
 
 
+def unbounded_session() -> aiohttp.ClientSession:
+    """A client session for long-lived streams: no connection limit (aiohttp's default of 100
+    would queue the 101st stream behind the others) and no total timeout (its default of 300 s
+    would cut a long case's streams)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=False,
+    )
+
+
 class HasUrl(Protocol):
     """Where traffic goes: a sidecar, or the upstream itself (a baseline without the sidecar)."""
 
@@ -307,9 +318,7 @@ class Traffic:
         self.runs: dict[str, Run] = {}
         self.finishing = asyncio.Event()
         self.pad = "x" * payload_bytes
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
-        )
+        self._session = unbounded_session()
         upstream.raw(PATH, self._upstream)
 
     async def aclose(self) -> None:
@@ -381,7 +390,7 @@ class Traffic:
                         run.t_first = time.perf_counter()
                     run.body += chunk
             run.client_end = "eof"
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             run.client_end = f"cut ({type(exc).__name__})"
 
     async def _upstream(self, request: web.Request) -> web.StreamResponse:
@@ -684,12 +693,10 @@ class Readers:
     """Replay readers from 0 that follow runs live (one real HTTP client each; ``async with``
     stops what is still reading)."""
 
-    def __init__(
-        self, http: aiohttp.ClientSession, sidecar: SidecarProcess, run_ids: Sequence[str]
-    ) -> None:
+    def __init__(self, sidecar: SidecarProcess, run_ids: Sequence[str]) -> None:
         self.bodies: dict[str, bytes] = dict.fromkeys(run_ids, b"")
         self.ends: dict[str, str] = {}
-        self._http = http
+        self._http = unbounded_session()
         self._sidecar = sidecar
         self._started: set[str] = set()
         self._all_started = asyncio.Event()
@@ -712,7 +719,7 @@ class Readers:
                         if len(self._started) == len(self.bodies):
                             self._all_started.set()
             self.ends[run_id] = "eof"
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             self.ends[run_id] = f"cut ({type(exc).__name__})"
 
     async def finished(self, timeout: float) -> None:
@@ -726,6 +733,7 @@ class Readers:
         for task in self._tasks:
             task.cancel()
         await asyncio.wait(self._tasks)
+        await self._http.close()
 
     def events(self, run_id: str) -> dict[int, bytes]:
         return numbered(split_raw(self.bodies[run_id]))

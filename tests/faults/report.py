@@ -55,6 +55,11 @@ CASES: dict[str, tuple[str, str]] = {
         "Redis 0.3 s per round trip, writer_max_bytes 128 KiB, flush_max_events 64",
         "test_overflow.py::test_slow_redis_with_a_small_writer_bound",
     ),
+    "redis_failover_to_a_lagging_replica": (
+        "failover to a replica that lagged (SIGSTOPped while the primary acknowledged writes), "
+        "lease 3 s",
+        "test_failover.py",
+    ),
     "redis_flushall_live_and_quiet": (
         "FLUSHALL while 10 runs stream and 10 are quiet; followers on both replicas",
         "test_flushall.py",

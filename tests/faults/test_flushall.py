@@ -70,7 +70,7 @@ async def test_flushall_while_runs_are_live_and_quiet(
     await traffic.received(quiet, 5, more=False)
     await a.settled(http, runs_too=False)
     ids = [r.run_id for r in runs]
-    async with Readers(http, a, ids) as on_a, Readers(http, b, ids) as on_b:
+    async with Readers(a, ids) as on_a, Readers(b, ids) as on_b:
         await on_a.reading()
         await on_b.reading()
         flushed = time.monotonic()

@@ -58,7 +58,7 @@ async def test_redis_down_past_the_writer_bound(
     )
     live = traffic.start(a, runs, interval=interval, min_events=10**9)
     await traffic.received(live, 5)
-    async with Readers(http, b, [r.run_id for r in live]) as readers:
+    async with Readers(b, [r.run_id for r in live]) as readers:
         await readers.reading()
         redis.kill()
         await asyncio.sleep(down)  # the outage's length is the case: nothing to await

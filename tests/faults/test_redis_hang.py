@@ -72,7 +72,7 @@ async def test_redis_out_of_reach_over_the_lease(
     live = traffic.start(a, runs, interval=interval, min_events=10**9)
     await traffic.received(live, 5)
     run_ids = [r.run_id for r in live]
-    async with Readers(http, b, run_ids) as readers, Poller(http, a, run_ids) as on_a:
+    async with Readers(b, run_ids) as readers, Poller(http, a, run_ids) as on_a:
         async with Poller(http, b, run_ids) as on_b:
             await readers.reading()
             if fault == "sigstop":

@@ -58,7 +58,7 @@ async def test_sigterm_drains_with_a_second_replica(
     endless = traffic.start(a, 10, prefix="endless", interval=0.05, min_events=10**9)
     runs = short + endless
     await traffic.received(runs, 10)
-    async with Readers(http, b, [r.run_id for r in runs]) as readers:
+    async with Readers(b, [r.run_id for r in runs]) as readers:
         await readers.reading()
         a.signal(signal.SIGTERM)
         stopped_at = time.monotonic()
