@@ -439,6 +439,8 @@ class Writer:
                 run.claim.set_result(True)
         if result.rebuilt:
             self._history_lost(run)
+        if result.rolled_back:
+            self._history_rolled_back(run, result.rolled_back)
         run.written_seq = result.last_seq
         if run.resumed:
             run.resumed = {seq for seq in run.resumed if seq > run.written_seq}
@@ -479,6 +481,23 @@ class Writer:
             )
         self._add_meta(run, {k: v for k, v in run.initial.items() if k != fields.STATUS})
         self._leases[run.run_id] = self._deadline()
+
+    def _history_rolled_back(self, run: RunStream, lost: int) -> None:
+        """Redis holds the run, but not its last ``lost`` confirmed events (it failed over to a
+        replica that lagged, or restarted from older data): the script recorded them as lost
+        history and the run is stored on after them; count them, say so once per run."""
+        self._m.writer_dropped_events.labels("history_lost").inc(lost)
+        if not run.history_lost:
+            run.history_lost = True
+            log.error(
+                "run %s: Redis lost %d of its stored events, up to seq %d (it failed over to a "
+                "replica that had not received them, or restarted from older data); the run is "
+                "stored on from here and replays report history_lost",
+                run.run_id,
+                lost,
+                run.written_seq,
+                extra={"run_id": run.run_id, "reason": "history_lost"},
+            )
 
     def _refused(self, run: RunStream, result: AppendResult) -> None:
         reason = result.status.value

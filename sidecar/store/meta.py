@@ -33,6 +33,7 @@ TRIMMED_EVENTS = "trimmed_events"
 LOST_RANGES = "lost_ranges"  # "a-b,c-d": seqs the writer could not store (overflow)
 LOST_EVENTS = "lost_events"  # how many seqs those ranges hold
 HISTORY_LOST_THROUGH = "history_lost_through"  # Redis lost every event up to this seq
+HISTORY_LOST_RANGES = "history_lost_ranges"  # "a-b,...": seqs Redis confirmed, then lost
 
 # ``incomplete`` values: why a replay of the run cannot return every event.
 OVERFLOW = "overflow"
@@ -96,6 +97,7 @@ class RunMeta:
     trimmed_events: int
     lost_ranges: tuple[tuple[int, int], ...] = ()
     history_lost_through: int = 0
+    history_lost_ranges: tuple[tuple[int, int], ...] = ()
     fields: dict[str, str] | None = None  # every field as stored (dialect-specific ones too)
 
     @property
@@ -104,10 +106,11 @@ class RunMeta:
 
     def lost_range_at(self, seq: int) -> tuple[int, int] | None:
         """The range of seqs the writer could not store that holds ``seq``, if any."""
-        for first, last in self.lost_ranges:
-            if first <= seq <= last:
-                return first, last
-        return None
+        return _range_at(self.lost_ranges, seq)
+
+    def history_range_at(self, seq: int) -> tuple[int, int] | None:
+        """The range of seqs Redis confirmed and then lost that holds ``seq``, if any."""
+        return _range_at(self.history_lost_ranges, seq)
 
     @classmethod
     def from_hash(cls, run_id: str, raw: dict[Any, Any]) -> RunMeta:
@@ -139,5 +142,13 @@ class RunMeta:
             trimmed_events=num(TRIMMED_EVENTS) or 0,
             lost_ranges=parse_ranges(h.get(LOST_RANGES)),
             history_lost_through=num(HISTORY_LOST_THROUGH) or 0,
+            history_lost_ranges=parse_ranges(h.get(HISTORY_LOST_RANGES)),
             fields=h,
         )
+
+
+def _range_at(ranges: tuple[tuple[int, int], ...], seq: int) -> tuple[int, int] | None:
+    for first, last in ranges:
+        if first <= seq <= last:
+            return first, last
+    return None

@@ -172,6 +172,7 @@ class AppendResult:
     trimmed: int = 0
     last_seq: int = 0
     rebuilt: bool = False  # the meta had vanished (Redis lost the run) and was rebuilt
+    rolled_back: int = 0  # events Redis had confirmed and no longer held (recorded as lost)
     detail: str = ""  # the holder, or Redis' error message
 
 
@@ -358,6 +359,7 @@ class RunStore:
                             trimmed=int(reply[2]),
                             last_seq=int(reply[3]),
                             rebuilt=int(reply[4]) == 1,
+                            rolled_back=int(reply[5]),
                         )
                     )
                 else:

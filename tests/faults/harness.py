@@ -585,9 +585,10 @@ def check_whole(
 def marked_losses(meta: dict[str, str]) -> set[int]:
     """Every seq the meta says was lost (history Redis lost, and the writer's holes)."""
     lost = set(range(1, int(meta.get("history_lost_through", "0")) + 1))
-    for part in filter(None, meta.get("lost_ranges", "").split(",")):
-        first, last = part.split("-")
-        lost.update(range(int(first), int(last) + 1))
+    for field_name in ("lost_ranges", "history_lost_ranges"):
+        for part in filter(None, meta.get(field_name, "").split(",")):
+            first, last = part.split("-")
+            lost.update(range(int(first), int(last) + 1))
     return lost
 
 

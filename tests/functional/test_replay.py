@@ -886,6 +886,7 @@ async def test_status_of_a_running_then_finished_run(
         "trimmed_events": 0,
         "lost_ranges": [],
         "history_lost_through": None,
+        "history_lost_ranges": [],
     }
     async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}") as resp:
         done = await resp.json()
