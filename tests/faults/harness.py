@@ -620,6 +620,14 @@ def check_marked(a: Audit, *, kinds: set[str], status: str = "completed") -> set
 INCOMPLETE = {"events_lost": "overflow", "history_lost": "history_lost"}
 
 
+def bounded_rss(*sidecars: SidecarProcess, mib: float = 150.0) -> list[float]:
+    """Each sidecar's peak RSS (VmHWM; for a process that is gone, as last read), in MiB, and
+    that it stayed under ``mib`` (an idle sidecar holds about 60)."""
+    peaks = [round(sc.memory()[1] if sc.alive else sc.peak_rss_mb, 1) for sc in sidecars]
+    assert max(peaks) < mib, f"peak RSS {peaks} MiB, bound {mib}"
+    return peaks
+
+
 # -- the measured figures, for README's fault table -----------------------------------------
 
 

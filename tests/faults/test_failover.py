@@ -20,6 +20,7 @@ from tests.faults.harness import (
     SidecarFactory,
     Traffic,
     audit,
+    bounded_rss,
     check_marked,
     forced_reasons,
     record,
@@ -93,5 +94,5 @@ async def test_failover_to_a_lagging_replica(
         **totals(audits),
         dropped=scrapes[0].by(P + "writer_dropped_events_total", "reason"),
         forced=forced_reasons(audits),
-        peak_rss_mb=[round(sc.memory()[1], 1) for sc in (a, b)],
+        peak_rss_mb=bounded_rss(a, b),
     )

@@ -24,6 +24,7 @@ from tests.faults.harness import (
     SidecarProcess,
     Traffic,
     audit,
+    bounded_rss,
     check_marked,
     forced_reasons,
     label,
@@ -127,7 +128,7 @@ async def test_flushall_while_runs_are_live_and_quiet(
         status_again_after_s=round(max(answered.values()), 2),
         probe_s=PROBE,
         forced=forced_reasons(audits),
-        peak_rss_mb=[round(sc.memory()[1], 1) for sc in (a, b)],
+        peak_rss_mb=bounded_rss(a, b),
     )
 
 

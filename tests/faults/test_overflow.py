@@ -18,6 +18,7 @@ from tests.faults.harness import (
     SidecarFactory,
     Traffic,
     audit,
+    bounded_rss,
     check_marked,
     forced_reasons,
     label,
@@ -73,7 +74,6 @@ async def test_redis_down_past_the_writer_bound(
         await readers.finished(timeout=30)
     scrape = await a.settled(http)
     audits = await audit(live, client, http, b)
-    peak = a.memory()[1]
 
     lost_total = 0
     for x in audits:
@@ -99,7 +99,7 @@ async def test_redis_down_past_the_writer_bound(
     assert over > 0  # counted while it happened, not at the end
     assert forced_reasons(audits) == {"natural": runs}
     # Bounded memory: the buffered events never exceed the bound (plus one terminal per run).
-    assert peak < 120 + 4 * bound / (1 << 20), f"peak RSS {peak:.0f} MiB"
+    peak = bounded_rss(a, b, mib=120 + 4 * bound / (1 << 20))
     assert a.output().count("dropping its events from seq") == runs  # logged once per run
     record(
         f"redis_down_{int(down)}s_writer_bound_{bound >> 10}KiB",
@@ -108,7 +108,7 @@ async def test_redis_down_past_the_writer_bound(
         holes=sum(len(x.stored.meta["lost_ranges"].split(",")) for x in audits),
         stored_after_hole=sum(len(stored_after_holes(x)) for x in audits),
         forced=forced_reasons(audits),
-        peak_rss_mb=round(peak, 1),
+        peak_rss_mb=peak,
     )
 
 
@@ -156,5 +156,5 @@ async def test_slow_redis_with_a_small_writer_bound(
         holes=sum(holes),
         most_holes_in_a_run=max(holes),
         forced=forced_reasons(audits),
-        peak_rss_mb=round(a.memory()[1], 1),
+        peak_rss_mb=bounded_rss(a),
     )
