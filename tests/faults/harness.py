@@ -425,6 +425,16 @@ class Traffic:
 # -- what Redis holds, and what a replay returns ---------------------------------------------
 
 
+async def in_redis(client: redis.asyncio.Redis, runs: Sequence[Run], timeout: float = 30.0) -> None:
+    """Wait until Redis holds every run (its live client may be ahead of the writer)."""
+
+    async def all_there() -> bool:
+        found = await asyncio.gather(*(client.exists(KEYS.meta(RunId(r.run_id))) for r in runs))
+        return all(found)
+
+    await eventually(all_there, timeout=timeout, what="every run in Redis")
+
+
 @dataclass
 class Stored:
     entries: dict[int, bytes]  # seq -> data, as XRANGE returns them
@@ -713,7 +723,10 @@ class Readers:
 
     async def reading(self, timeout: float = 30.0) -> None:
         """Wait until every reader has its first bytes (so the stream is open)."""
-        await asyncio.wait_for(self._all_started.wait(), timeout)
+        started = asyncio.ensure_future(self._all_started.wait())
+        await asyncio.wait([started, *self._tasks], timeout=timeout, return_when="FIRST_COMPLETED")
+        started.cancel()
+        assert self._all_started.is_set(), f"readers not reading: {self.ends}"
 
     async def _read(self, run_id: str) -> None:
         try:

@@ -56,8 +56,8 @@ CASES: dict[str, tuple[str, str]] = {
         "test_overflow.py::test_slow_redis_with_a_small_writer_bound",
     ),
     "redis_failover_to_a_lagging_replica": (
-        "failover to a replica that lagged (SIGSTOPped while the primary acknowledged writes), "
-        "lease 3 s",
+        "failover to a replica that lagged (its replication link stalled while the primary "
+        "acknowledged writes), lease 3 s",
         "test_failover.py",
     ),
     "redis_flushall_live_and_quiet": (
@@ -79,6 +79,10 @@ CASES: dict[str, tuple[str, str]] = {
     "burst_1000_run_starts": (
         "1,000 run starts at once, x4: healthy / Redis black-holed, new / chosen run ids",
         "test_burst.py",
+    ),
+    "one_run_start_during_a_redis_hang": (
+        "one run with a chosen id started while Redis hangs, before and after the sidecar noticed",
+        "test_burst.py::test_one_run_start_during_a_redis_hang",
     ),
     "background_task_crashes": (
         "writer, sweep, probe, follower crashed 3x (SIGUSR1 hook), during an outage and "

@@ -1,5 +1,6 @@
 """A failover to a replica that lags: the primary acknowledged writes the replica never got
-(asynchronous replication: what Sentinel or a managed Redis does when a primary dies), so Redis
+(asynchronous replication: what Sentinel or a managed Redis does when a primary dies; here the
+replication link stalls, then the primary is killed and the replica promoted), so Redis
 comes back holding each run only up to some earlier seq, with its meta and its epoch intact.
 
 DESIGN.md "When things fail": a 60 s outage (a failover) ends with every live run whole, or
@@ -54,7 +55,10 @@ async def test_failover_to_a_lagging_replica(
 ) -> None:
     primary, replica = make_redis(aof=False), make_redis(aof=False)
     to_primary, to_replica = direct(primary), direct(replica)
-    await to_replica.replicaof("127.0.0.1", primary.port)
+    # Replication goes through a link of its own, so that it can stall for sure (a replica
+    # process merely stopped would still find the primary's stream in its socket buffer).
+    replication = await forwarder(primary)
+    await to_replica.replicaof("127.0.0.1", replication.port)
     net = await forwarder(primary)
     flags = {"lease_seconds": 3, "redis_probe_seconds": 0.5}
     a, b = await asyncio.gather(sidecars("a", net.url, **flags), sidecars("b", net.url, **flags))
@@ -62,11 +66,11 @@ async def test_failover_to_a_lagging_replica(
     await traffic.received(live, 10)
     await a.settled(http, runs_too=False)
     await in_sync(to_primary, to_replica)
-    replica.pause()  # from here on the replica lags
+    replication.blackhole()  # from here on the replica lags
     await traffic.received(live, 20)
     await a.settled(http, runs_too=False)  # acknowledged by the primary, never replicated
     primary.kill()
-    replica.resume()
+    replication.reset()
     assert await to_replica.replicaof("NO", "ONE")
     net.retarget(replica.port)
     net.reset()

@@ -27,6 +27,7 @@ from tests.faults.harness import (
     bounded_rss,
     check_marked,
     forced_reasons,
+    in_redis,
     label,
     record,
     replay,
@@ -71,6 +72,7 @@ async def test_flushall_while_runs_are_live_and_quiet(
     await traffic.received(quiet, 5, more=False)
     await a.settled(http, runs_too=False)
     ids = [r.run_id for r in runs]
+    await in_redis(client, runs)
     async with Readers(a, ids) as on_a, Readers(b, ids) as on_b:
         await on_a.reading()
         await on_b.reading()

@@ -21,6 +21,7 @@ from tests.faults.harness import (
     bounded_rss,
     check_marked,
     forced_reasons,
+    in_redis,
     label,
     marked_losses,
     record,
@@ -59,6 +60,7 @@ async def test_redis_down_past_the_writer_bound(
     )
     live = traffic.start(a, runs, interval=interval, min_events=10**9)
     await traffic.received(live, 5)
+    await in_redis(client, live)
     async with Readers(b, [r.run_id for r in live]) as readers:
         await readers.reading()
         redis.kill()

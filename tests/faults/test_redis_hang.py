@@ -27,6 +27,7 @@ from tests.faults.harness import (
     bounded_rss,
     check_whole,
     forced_reasons,
+    in_redis,
     record,
     totals,
 )
@@ -73,6 +74,7 @@ async def test_redis_out_of_reach_over_the_lease(
     live = traffic.start(a, runs, interval=interval, min_events=10**9)
     await traffic.received(live, 5)
     run_ids = [r.run_id for r in live]
+    await in_redis(client, live)
     async with Readers(b, run_ids) as readers, Poller(http, a, run_ids) as on_a:
         async with Poller(http, b, run_ids) as on_b:
             await readers.reading()

@@ -27,6 +27,7 @@ from tests.faults.harness import (
     check_terminal,
     check_whole,
     forced_reasons,
+    in_redis,
     labels,
     record,
     replay,
@@ -59,6 +60,7 @@ async def test_sigterm_drains_with_a_second_replica(
     endless = traffic.start(a, 10, prefix="endless", interval=0.05, min_events=10**9)
     runs = short + endless
     await traffic.received(runs, 10)
+    await in_redis(client, runs)
     async with Readers(b, [r.run_id for r in runs]) as readers:
         await readers.reading()
         a.signal(signal.SIGTERM)
