@@ -9,9 +9,12 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from tests.conftest import Upstream
-from tests.faults.forwarder import Forwarder
+from tests.faults.forwarder import ForwarderProcess
 from tests.faults.harness import (
     FaultRedis,
     SidecarFactory,
@@ -21,7 +24,7 @@ from tests.faults.harness import (
 )
 
 RedisFactory = Callable[..., FaultRedis]
-ForwarderFactory = Callable[[FaultRedis], Awaitable[Forwarder]]
+ForwarderFactory = Callable[[FaultRedis], Awaitable[ForwarderProcess]]
 DirectFactory = Callable[[FaultRedis], redis.asyncio.Redis]
 
 
@@ -47,11 +50,11 @@ def make_redis(tmp_path: Path) -> Iterator[RedisFactory]:
 
 @pytest.fixture
 async def forwarder() -> AsyncIterator[ForwarderFactory]:
-    """``await forwarder(redis)``: a TCP forwarder in front of that Redis."""
-    started: list[Forwarder] = []
+    """``await forwarder(redis)``: a TCP forwarder in front of that Redis (its own process)."""
+    started: list[ForwarderProcess] = []
 
-    async def make(server: FaultRedis) -> Forwarder:
-        fwd = Forwarder(server.port)
+    async def make(server: FaultRedis) -> ForwarderProcess:
+        fwd = ForwarderProcess(server.port)
         await fwd.start()
         started.append(fwd)
         return fwd
@@ -67,7 +70,9 @@ async def direct() -> AsyncIterator[DirectFactory]:
     clients: list[redis.asyncio.Redis] = []
 
     def make(server: FaultRedis) -> redis.asyncio.Redis:
-        client = redis.asyncio.Redis.from_url(server.url)
+        # A command on a connection that died with a killed Redis is sent again on a new one.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        client = redis.asyncio.Redis.from_url(server.url, retry=retry)
         clients.append(client)
         return client
 

@@ -10,17 +10,22 @@ decides what the network does, for the connections already open and for new ones
 - ``reset()``: every open connection is aborted with a TCP RST on both sides (a failover, a
   dead load balancer); new connections are accepted again in the current mode.
 - ``retarget(port)``: new connections go to another Redis (with ``reset``: a failover).
+
+The fault cases run it as a process of its own (``ForwarderProcess``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class Mode(Enum):
@@ -186,3 +191,115 @@ class Forwarder:
                 await dst.drain()
         except OSError:
             self._drop(link)  # the reading side then ends too
+
+
+class ForwarderProcess:
+    """The forwarder in a process of its own (``python -m tests.faults.forwarder PORT``), driven
+    over its stdin: the test process's own load (upstreams, clients, readers) then does not slow
+    the sidecars' Redis traffic. It exits when its stdin closes, so it never outlives a test."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.faults.forwarder", str(self.target_port),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        self.port = int((await self._reply())["port"])
+
+    async def _reply(self) -> dict[str, Any]:
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        line = await asyncio.wait_for(self._proc.stdout.readline(), 10)
+        assert line, "the forwarder process exited"
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def command(self, *words: object) -> dict[str, Any]:
+        """Send one command; the forwarder's counters after it."""
+        async with self._lock:
+            assert self._proc is not None
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(" ".join(map(str, words)).encode() + b"\n")
+            await self._proc.stdin.drain()
+            return await self._reply()
+
+    async def blackhole(self) -> None:
+        await self.command("blackhole")
+
+    async def pass_(self) -> None:
+        await self.command("pass")
+
+    async def reset(self) -> int:
+        return int((await self.command("reset"))["reset"])
+
+    async def retarget(self, port: int) -> None:
+        await self.command("retarget", port)
+
+    async def set_delay(self, seconds: float) -> None:
+        await self.command("delay", seconds)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.command("stats")
+
+    async def aclose(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 10)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+
+
+async def _serve(target_port: int) -> None:
+    """The forwarder process: one JSON line with its port, then one per command on stdin."""
+    fwd = Forwarder(target_port)
+    await fwd.start()
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+
+    def say(**extra: Any) -> None:
+        sys.stdout.write(json.dumps(extra) + "\n")
+        sys.stdout.flush()
+
+    say(port=fwd.port)
+    while line := await stdin.readline():
+        command, *args = line.decode().split()
+        reset = 0
+        if command == "blackhole":
+            fwd.blackhole()
+        elif command == "pass":
+            fwd.pass_()
+        elif command == "reset":
+            reset = fwd.reset()
+        elif command == "retarget":
+            fwd.retarget(int(args[0]))
+        elif command == "delay":
+            fwd.delay = float(args[0])
+        elif command != "stats":
+            raise SystemExit(f"unknown forwarder command {command!r}")
+        say(
+            reset=reset,
+            mode=fwd.mode.value,
+            accepted=fwd.accepted,
+            relayed=fwd.relayed,
+            resets=fwd.resets,
+            open=fwd.open_connections,
+        )
+    await fwd.aclose()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    asyncio.run(_serve(int(sys.argv[1])))

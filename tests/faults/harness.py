@@ -732,7 +732,7 @@ class Readers:
         try:
             async with self._http.get(self._sidecar.run_url(run_id, "/stream")) as resp:
                 if resp.status != 200:
-                    self.ends[run_id] = f"status {resp.status}"
+                    self.ends[run_id] = f"status {resp.status}: {(await resp.text())[:300]}"
                     return
                 async for chunk in resp.content.iter_any():
                     self.bodies[run_id] += chunk

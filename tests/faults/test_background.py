@@ -22,6 +22,7 @@ from tests.faults.harness import (
     audit,
     bounded_rss,
     check_whole,
+    forced_reasons,
     record,
     totals,
 )
@@ -82,18 +83,18 @@ async def test_crashing_background_tasks_are_restarted_and_the_writer_flushes(
     # 2. Redis out of reach; runs end with their events buffered; the writer crashes holding
     # them; once Redis answers again, the restarted writer writes them (nothing else wakes it:
     # no run is left).
-    net.blackhole()
+    await net.blackhole()
     buffered = traffic.start(a, 10, prefix="buffered", interval=0.01, min_events=10, max_events=10)
     traffic.finish()
     await traffic.ended(streaming + buffered, timeout=30)
     await retrying(http, a)
     await crash(http, a, 2)
-    net.reset()
-    net.pass_()
+    await net.reset()
+    await net.pass_()
     await a.settled(http)
     # 3. The same, then SIGTERM while Redis is still away; it comes back within the flush
     # deadline, and the writer flushes at shutdown.
-    net.blackhole()
+    await net.blackhole()
     last = traffic.start(a, 10, prefix="last", interval=0.01, min_events=10, max_events=10)
     await traffic.ended(last, timeout=30)
     await retrying(http, a)
@@ -101,8 +102,8 @@ async def test_crashing_background_tasks_are_restarted_and_the_writer_flushes(
     assert scrape.value(P + "writer_pending_events") == 10 * 12
     a.signal(signal.SIGTERM)
     await asyncio.sleep(1.0)  # Redis away for a while into the shutdown: nothing to await
-    net.reset()
-    net.pass_()
+    await net.reset()
+    await net.pass_()
     code = await a.exited(timeout=20)
     runs = streaming + buffered + last
     audits = await audit(runs, client, http, await sidecars("reader", net.url))
@@ -119,6 +120,7 @@ async def test_crashing_background_tasks_are_restarted_and_the_writer_flushes(
         "background_task_crashes",
         **totals(audits),
         crashes=dict.fromkeys(CRASHING, 3),
+        forced=forced_reasons(audits),
         exit_code=code,
         peak_rss_mb=bounded_rss(a),
     )

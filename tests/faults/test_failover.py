@@ -66,14 +66,14 @@ async def test_failover_to_a_lagging_replica(
     await traffic.received(live, 10)
     await a.settled(http, runs_too=False)
     await in_sync(to_primary, to_replica)
-    replication.blackhole()  # from here on the replica lags
+    await replication.blackhole()  # from here on the replica lags
     await traffic.received(live, 20)
     await a.settled(http, runs_too=False)  # acknowledged by the primary, never replicated
     primary.kill()
-    replication.reset()
+    await replication.reset()
     assert await to_replica.replicaof("NO", "ONE")
-    net.retarget(replica.port)
-    net.reset()
+    await net.retarget(replica.port)
+    await net.reset()
     await traffic.received(live, 40)
     for run in live:
         run.max_events = len(run.sent)

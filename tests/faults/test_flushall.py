@@ -124,7 +124,8 @@ async def test_flushall_while_runs_are_live_and_quiet(
     record(
         "redis_flushall_live_and_quiet",
         **totals(audits),
-        history_lost=lost,
+        dropped=scrapes["a"].by(P + "writer_dropped_events_total", "reason"),
+        redis_data_lost=[scrapes[sc.name].value(P + "redis_data_lost_total") for sc in (a, b)],
         readers_whole=outcomes.count("whole"),
         readers_told=outcomes.count("told"),
         status_again_after_s=round(max(answered.values()), 2),

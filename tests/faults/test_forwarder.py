@@ -12,7 +12,7 @@ import redis.asyncio
 from redis import exceptions as redis_errors
 
 from tests.conftest import RedisServer
-from tests.faults.forwarder import Forwarder, Mode
+from tests.faults.forwarder import Forwarder, ForwarderProcess, Mode
 
 
 class Echo:
@@ -155,6 +155,33 @@ async def test_redis_through_the_forwarder(redis_server: RedisServer) -> None:
         with pytest.raises(redis_errors.ConnectionError):
             await client.ping()
         assert await client.ping()
+    finally:
+        await client.aclose()
+        await fwd.aclose()
+
+
+async def test_the_forwarder_as_a_process(redis_server: RedisServer) -> None:
+    fwd = ForwarderProcess(redis_server.port)
+    await fwd.start()
+    client = redis.asyncio.Redis.from_url(fwd.url, socket_timeout=0.3)
+    try:
+        assert await client.ping()
+        before = await fwd.stats()
+        assert (before["mode"], before["accepted"], before["open"]) == ("pass", 1, 1)
+        await fwd.blackhole()
+        with pytest.raises(redis_errors.TimeoutError):
+            await client.ping()
+        assert await fwd.reset() == 1
+        await fwd.pass_()
+        await fwd.set_delay(0.2)
+        patient = redis.asyncio.Redis.from_url(fwd.url, socket_timeout=5)
+        started = time.monotonic()
+        assert await patient.ping()
+        assert time.monotonic() - started >= 0.4  # out and back
+        await patient.aclose()
+        after = await fwd.stats()
+        assert (after["mode"], after["accepted"], after["resets"]) == ("pass", 2, 1)
+        assert after["relayed"] > before["relayed"]
     finally:
         await client.aclose()
         await fwd.aclose()

@@ -135,14 +135,14 @@ async def test_slow_redis_with_a_small_writer_bound(
     client = direct(redis)
     net = await forwarder(redis)
     a = await sidecars("a", net.url, writer_max_bytes=128 << 10, flush_max_events=64)
-    net.delay = 0.15  # each way
+    await net.set_delay(0.15)  # each way
     live = traffic.start(a, 20, interval=0.02, min_events=10**9)
     await traffic.received(live, 300, timeout=120)
     for run in live:
         run.max_events = len(run.sent)
     traffic.finish()
     await traffic.ended(live, timeout=60)
-    net.delay = 0
+    await net.set_delay(0)
     scrape = await a.settled(http, timeout=60)
     audits = await audit(live, client, http, a)
     lost = [check_marked(x, kinds={"events_lost"}) for x in audits]

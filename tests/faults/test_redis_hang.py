@@ -81,8 +81,8 @@ async def test_redis_out_of_reach_over_the_lease(
             if fault == "sigstop":
                 redis.pause()
             else:
-                net_a.blackhole()
-                net_b.blackhole()
+                await net_a.blackhole()
+                await net_b.blackhole()
             began = time.monotonic()
             await asyncio.sleep(outage)  # the outage's length is the case: nothing to await
             if fault == "sigstop":
@@ -92,12 +92,12 @@ async def test_redis_out_of_reach_over_the_lease(
                 # gets through half a lease after the other replica (as when its writer was in
                 # a retry backoff): every lease in Redis has expired by then, and the other
                 # replica's sweep must not take that for a dead producer.
-                net_b.reset()
-                net_b.pass_()
+                await net_b.reset()
+                await net_b.pass_()
                 early = await asyncio.gather(*(replay_head(http, b, r) for r in run_ids[:10]))
                 await asyncio.sleep(lease / 2)
-                net_a.reset()
-                net_a.pass_()
+                await net_a.reset()
+                await net_a.pass_()
             healed = time.monotonic()
             if fault == "sigstop":
                 # Replays from 0 right after, while every lease in Redis has expired.
