@@ -385,7 +385,7 @@ class Writer:
                     meta.update(ev.meta)
             # Holes the writer made (overflow) are recorded by the script; any other gap is
             # refused by it.
-            gap = _only_own_holes(run.written_seq, events, run.resumed)
+            gap = own_holes_only(run.written_seq, events, run.resumed)
             ops.append(
                 AppendOp(
                     run.run_id, run.producer, not run.claimed, run.written_seq, gap, meta, events
@@ -530,14 +530,17 @@ class Writer:
             self._discard(run, "redis_rejected")
 
 
-def _only_own_holes(written: int, events: Iterable[Pending], resumed: set[int]) -> bool:
-    """Whether these events (in order, after ``written``) skip seqs, and only where the writer
+def own_holes_only(written: int, events: Iterable[Pending], resumed: set[int]) -> bool:
+    """Whether these events (in order) skip seqs after ``written``, and only where the writer
     dropped them: right before a seq in ``resumed``. A batch may carry any number of those
     holes, not only the newest one (a run can overflow again before the events ahead of its
-    first hole are written)."""
+    first hole are written). Events at or below ``written`` are no gap: Redis stored them in a
+    round trip whose reply was lost (the script skips them)."""
     expected = written + 1
     holes = False
     for ev in events:
+        if ev.seq < expected:
+            continue
         if ev.seq != expected:
             if ev.seq not in resumed:
                 return False
