@@ -708,6 +708,9 @@ class Poller:
             await asyncio.sleep(0.1)
 
 
+START_ATTEMPTS = 5
+
+
 class Readers:
     """Replay readers from 0 that follow runs live (one real HTTP client each; ``async with``
     stops what is still reading)."""
@@ -715,6 +718,7 @@ class Readers:
     def __init__(self, sidecar: SidecarProcess, run_ids: Sequence[str]) -> None:
         self.bodies: dict[str, bytes] = dict.fromkeys(run_ids, b"")
         self.ends: dict[str, str] = {}
+        self.start_503 = 0  # requests refused with 503 before their stream began, then retried
         self._http = unbounded_session()
         self._sidecar = sidecar
         self._started: set[str] = set()
@@ -729,11 +733,21 @@ class Readers:
         assert self._all_started.is_set(), f"readers not reading: {self.ends}"
 
     async def _read(self, run_id: str) -> None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if await self._attempt(run_id) or attempt == START_ATTEMPTS:
+                return
+            # 503 before the stream began: the sidecar's Redis pool was busy past its wait
+            # (redis_timeout_seconds); a client tries again, as this one does, counted.
+            self.start_503 += 1
+            await asyncio.sleep(0.2 * attempt)
+
+    async def _attempt(self, run_id: str) -> bool:
+        """One request; False if it was refused with a 503 before any byte (worth retrying)."""
         try:
             async with self._http.get(self._sidecar.run_url(run_id, "/stream")) as resp:
                 if resp.status != 200:
                     self.ends[run_id] = f"status {resp.status}: {(await resp.text())[:300]}"
-                    return
+                    return resp.status != 503
                 async for chunk in resp.content.iter_any():
                     self.bodies[run_id] += chunk
                     if run_id not in self._started:
@@ -743,6 +757,7 @@ class Readers:
             self.ends[run_id] = "eof"
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             self.ends[run_id] = f"cut ({type(exc).__name__})"
+        return True
 
     async def finished(self, timeout: float) -> None:
         _, pending = await asyncio.wait(self._tasks, timeout=timeout)

@@ -128,6 +128,7 @@ async def test_flushall_while_runs_are_live_and_quiet(
         redis_data_lost=[scrapes[sc.name].value(P + "redis_data_lost_total") for sc in (a, b)],
         readers_whole=outcomes.count("whole"),
         readers_told=outcomes.count("told"),
+        reader_start_503=on_a.start_503 + on_b.start_503,
         status_again_after_s=round(max(answered.values()), 2),
         probe_s=PROBE,
         forced=forced_reasons(audits),

@@ -108,6 +108,7 @@ async def test_redis_down_past_the_writer_bound(
         **totals(audits),
         dropped=dropped,
         holes=sum(len(x.stored.meta["lost_ranges"].split(",")) for x in audits),
+        reader_start_503=readers.start_503,
         stored_after_hole=sum(len(stored_after_holes(x)) for x in audits),
         forced=forced_reasons(audits),
         peak_rss_mb=peak,

@@ -133,6 +133,7 @@ async def test_redis_out_of_reach_over_the_lease(
         outage_s=round(healed - began, 1),
         forced=forced_reasons(audits),
         readers_whole=sum(readers.ends[r] == "eof" for r in run_ids),
+        reader_start_503=readers.start_503,
         status_calls=len(answers),
         status_unavailable=sum(s != 200 for _, s, _ in answers),
         peak_rss_mb=bounded_rss(a, b),

@@ -92,6 +92,7 @@ async def test_sigterm_drains_with_a_second_replica(
         **totals(audits),
         forced=forced_reasons(audits),
         exit_code=code,
+        reader_start_503=readers.start_503,
         exit_s=round(exit_s, 1),
         drain_s=drain,
         peak_rss_mb=bounded_rss(a, b),
