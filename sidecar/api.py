@@ -72,6 +72,7 @@ def status_body(meta: RunMeta) -> dict[str, Any]:
         "trimmed_events": meta.trimmed_events,
         "lost_ranges": [list(r) for r in meta.lost_ranges],
         "history_lost_through": meta.history_lost_through or None,
+        "history_lost_ranges": [list(r) for r in meta.history_lost_ranges],
         "dialect": meta.dialect,
         "protocol_id": meta.protocol_id,
     }

@@ -192,11 +192,15 @@ def _operations() -> dict[str, dict[str, Any]]:
                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_CURSOR},
                     },
                 ],
+                # Any other answer may be the upstream's (proxied) or the sidecar's JSON error:
+                # only the stream is the sidecar's alone.
                 "responses": {
-                    **_STREAM_RESPONSES,
-                    "default": {"description": "The upstream's answer (proxied)."},
-                    **_COMMON_ERRORS,
-                    **_AUTH_ERRORS,
+                    "200": _STREAM_OK,
+                    "default": {
+                        "description": "The upstream's answer (a response the sidecar does not "
+                        "hold, or not a stream), or the replay's JSON error (as for "
+                        "`GET /sidecar/v1/runs/{run_id}/stream`)."
+                    },
                 },
             },
         },
@@ -302,6 +306,7 @@ _COMPONENTS: dict[str, Any] = {
                 "trimmed_events",
                 "lost_ranges",
                 "history_lost_through",
+                "history_lost_ranges",
                 "dialect",
                 "protocol_id",
             ],
@@ -328,6 +333,16 @@ _COMPONENTS: dict[str, Any] = {
                     },
                 },
                 "history_lost_through": _NULLABLE_INT,
+                "history_lost_ranges": {
+                    "type": "array",
+                    "description": "Seq ranges [first, last] Redis confirmed, then lost.",
+                    "items": {
+                        "type": "array",
+                        "items": {"type": "integer"},
+                        "minItems": 2,
+                        "maxItems": 2,
+                    },
+                },
                 "dialect": _NULLABLE_STR,
                 "protocol_id": _NULLABLE_STR,
             },

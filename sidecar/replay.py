@@ -369,6 +369,17 @@ def _loss(meta: RunMeta, seq: int) -> dict[str, Any] | None:
             "(it restarted empty, was flushed, or failed over to an empty replica)",
             "first_available_seq": meta.history_lost_through + 1,
         }
+    gone = meta.history_range_at(seq)
+    if gone is not None:
+        return {
+            "error_type": "history_lost",
+            "message": f"Redis lost events {gone[0]}-{gone[1]} of this run after storing them "
+            f"(it failed over to a replica that had not received them, or restarted from older "
+            f"data); resume after seq {gone[1]}",
+            "lost_from": gone[0],
+            "lost_to": gone[1],
+            "resume_after": gone[1],
+        }
     hole = meta.lost_range_at(seq)
     if hole is not None:
         return {

@@ -78,7 +78,7 @@ class RunStream:
     pending_bytes: int = 0
     dropping: bool = False  # events do not fit the backlog bound: they are being dropped
     holes: int = 0
-    gap_before: int = 0  # the first seq stored after a hole (the script records the hole)
+    resumed: set[int] = field(default_factory=set)  # first seqs stored after an unwritten hole
     fenced: str | None = None  # why nothing of this run can be written any more
     urgent: bool = False  # a claim, renewal or rebuild waits to be sent
     failures: int = 0
@@ -286,7 +286,7 @@ class Writer:
     def _resume(self, run: RunStream, seq: int) -> None:
         run.dropping = False
         run.holes += 1
-        run.gap_before = seq
+        run.resumed.add(seq)
         log.info(
             "run %s: stored again from seq %d after a hole",
             run.run_id,
@@ -401,9 +401,9 @@ class Writer:
             for ev in events:
                 if ev.meta:
                     meta.update(ev.meta)
-            gap = run.gap_before > run.written_seq and any(
-                ev.seq >= run.gap_before for ev in events
-            )
+            # Holes the writer made (overflow) are recorded by the script; any other gap is
+            # refused by it.
+            gap = own_holes_only(run.written_seq, events, run.resumed)
             claim = "0" if run.claimed else ("1" if run.replace else "2")
             ops.append(
                 AppendOp(run.run_id, run.producer, claim, run.written_seq, gap, meta, events)
@@ -458,7 +458,11 @@ class Writer:
                 run.claim.set_result(True)
         if result.rebuilt:
             self._history_lost(run)
+        if result.rolled_back:
+            self._history_rolled_back(run, result.rolled_back)
         run.written_seq = result.last_seq
+        if run.resumed:
+            run.resumed = {seq for seq in run.resumed if seq > run.written_seq}
         complete = False
         for _ in range(n):
             ev = run.events.popleft()
@@ -498,6 +502,23 @@ class Writer:
         self._add_meta(run, {k: v for k, v in run.initial.items() if k != fields.STATUS})
         self._leases[run.run_id] = self._deadline()
 
+    def _history_rolled_back(self, run: RunStream, lost: int) -> None:
+        """Redis holds the run, but not its last ``lost`` confirmed events (it failed over to a
+        replica that lagged, or restarted from older data): the script recorded them as lost
+        history and the run is stored on after them; count them, say so once per run."""
+        self._m.writer_dropped_events.labels("history_lost").inc(lost)
+        if not run.history_lost:
+            run.history_lost = True
+            log.error(
+                "run %s: Redis lost %d of its stored events, up to seq %d (it failed over to a "
+                "replica that had not received them, or restarted from older data); the run is "
+                "stored on from here and replays report history_lost",
+                run.run_id,
+                lost,
+                run.written_seq,
+                extra={"run_id": run.run_id, "reason": "history_lost"},
+            )
+
     def _refused(self, run: RunStream, result: AppendResult) -> None:
         # A refused claim (another producer, or a stored run that may not be replaced) is the
         # run id's owner defending it: counted as conflict, like a claim the writer lost.
@@ -531,3 +552,22 @@ class Writer:
         )
         if run.failures >= MAX_SCRIPT_FAILURES:
             self._discard(run, "redis_rejected")
+
+
+def own_holes_only(written: int, events: Iterable[Pending], resumed: set[int]) -> bool:
+    """Whether these events (in order) skip seqs after ``written``, and only where the writer
+    dropped them: right before a seq in ``resumed``. A batch may carry any number of those
+    holes, not only the newest one (a run can overflow again before the events ahead of its
+    first hole are written). Events at or below ``written`` are no gap: Redis stored them in a
+    round trip whose reply was lost (the script skips them)."""
+    expected = written + 1
+    holes = False
+    for ev in events:
+        if ev.seq < expected:
+            continue
+        if ev.seq != expected:
+            if ev.seq not in resumed:
+                return False
+            holes = True
+        expected = ev.seq + 1
+    return holes

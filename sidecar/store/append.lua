@@ -7,12 +7,13 @@
 --           this batch; record them as lost instead of refusing), nmeta,
 --           nmeta pairs of (field, value), then quads of (seq, data, timestamp_ms, complete)
 --
--- Returns {0, added, trimmed, last_seq, rebuilt, replaced} on success (rebuilt = 1 when the meta
--- had vanished under this producer and was rebuilt; replaced = 1 when this claim replaced a
--- stored run), {-1, holder} when another producer holds a live lease (claim refused), {-2,
+-- Returns {0, added, trimmed, last_seq, rebuilt, replaced, rolled_back} on success (rebuilt = 1
+-- when the meta had vanished under this producer and was rebuilt; replaced = 1 when this claim
+-- replaced a stored run; rolled_back = how many events Redis had confirmed to this producer and
+-- no longer holds), {-1, holder} when another producer holds a live lease (claim refused), {-2,
 -- holder} when another producer took the run over (fenced), {-3, last_seq} when a batch would
--- leave a gap in the seqs that allow_gap does not allow, {-4, status} when a "2" claim finds
--- the run id stored.
+-- leave a gap in the seqs that allow_gap does not allow, {-4, status} when a "2" claim finds the
+-- run id stored.
 --
 -- Idempotence: an event whose seq is not above the stored last_seq was already written by an
 -- earlier attempt whose reply was lost, so it is skipped; stream ids are "<seq>-0".
@@ -48,6 +49,19 @@ if cur[1] ~= producer then
     last = tonumber(ARGV[6])
     rebuilt = 1
   end
+end
+-- Redis holds fewer of this producer's events than it confirmed (it failed over to a replica
+-- that had not received them, or restarted from older data): they are lost; say which, and
+-- store on after them.
+local rolled_back = 0
+local known = tonumber(ARGV[6])
+if rebuilt == 0 and cur[1] == producer and known > last then
+  rolled_back = known - last
+  local before = redis.call('HGET', KEYS[2], 'history_lost_ranges')
+  local range = (last + 1) .. '-' .. known
+  redis.call('HSET', KEYS[2], 'incomplete', 'history_lost',
+    'history_lost_ranges', before and (before .. ',' .. range) or range)
+  last = known
 end
 -- Check the whole batch before writing any of it: a refused batch leaves nothing behind.
 local expect = last
@@ -111,4 +125,4 @@ end
 local ttl = tonumber(ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-return {0, added, trimmed, last, rebuilt, replaced}
+return {0, added, trimmed, last, rebuilt, replaced, rolled_back}

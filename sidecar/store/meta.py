@@ -34,6 +34,7 @@ TRIMMED_EVENTS = "trimmed_events"
 LOST_RANGES = "lost_ranges"  # "a-b,c-d": seqs the writer could not store (overflow)
 LOST_EVENTS = "lost_events"  # how many seqs those ranges hold
 HISTORY_LOST_THROUGH = "history_lost_through"  # Redis lost every event up to this seq
+HISTORY_LOST_RANGES = "history_lost_ranges"  # "a-b,...": seqs Redis confirmed, then lost
 # The dialect's (sidecar/dialects/): what a process needs to end the run in its protocol when
 # its producer is gone.
 DIALECT = "dialect"
@@ -107,6 +108,7 @@ class RunMeta:
     trimmed_events: int
     lost_ranges: tuple[tuple[int, int], ...] = ()
     history_lost_through: int = 0
+    history_lost_ranges: tuple[tuple[int, int], ...] = ()
     dialect: str | None = None
     protocol_id: str | None = None
     dialect_state: str | None = None  # JSON: what the dialect needs to end the run elsewhere
@@ -124,10 +126,11 @@ class RunMeta:
 
     def lost_range_at(self, seq: int) -> tuple[int, int] | None:
         """The range of seqs the writer could not store that holds ``seq``, if any."""
-        for first, last in self.lost_ranges:
-            if first <= seq <= last:
-                return first, last
-        return None
+        return _range_at(self.lost_ranges, seq)
+
+    def history_range_at(self, seq: int) -> tuple[int, int] | None:
+        """The range of seqs Redis confirmed and then lost that holds ``seq``, if any."""
+        return _range_at(self.history_lost_ranges, seq)
 
     @classmethod
     def from_hash(cls, run_id: str, raw: dict[Any, Any]) -> RunMeta:
@@ -159,9 +162,17 @@ class RunMeta:
             trimmed_events=num(TRIMMED_EVENTS) or 0,
             lost_ranges=parse_ranges(h.get(LOST_RANGES)),
             history_lost_through=num(HISTORY_LOST_THROUGH) or 0,
+            history_lost_ranges=parse_ranges(h.get(HISTORY_LOST_RANGES)),
             dialect=h.get(DIALECT) or None,
             protocol_id=h.get(PROTOCOL_ID) or None,
             dialect_state=h.get(DIALECT_STATE) or None,
             silent_end=h.get(SILENT_END) == "true",
             generation=h.get(GENERATION) or None,
         )
+
+
+def _range_at(ranges: tuple[tuple[int, int], ...], seq: int) -> tuple[int, int] | None:
+    for first, last in ranges:
+        if first <= seq <= last:
+            return first, last
+    return None

@@ -23,7 +23,8 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
-from redis.backoff import EqualJitterBackoff
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff, NoBackoff
 
 from sidecar.errors import InvalidRunId, StoreBusy, StoreError, StoreUnavailable
 from sidecar.keys import Keys, RunId, validate_run_id
@@ -177,6 +178,7 @@ class AppendResult:
     last_seq: int = 0
     rebuilt: bool = False  # the meta had vanished (Redis lost the run) and was rebuilt
     replaced: bool = False  # the claim replaced a stored run (a new generation of the run id)
+    rolled_back: int = 0  # events Redis had confirmed and no longer held (recorded as lost)
     detail: str = ""  # the holder, or Redis' error message
 
 
@@ -234,6 +236,11 @@ class RunStore:
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # A pooled connection that died while idle (Redis restarted, failed over, or the
+            # network reset it) fails its next command at once: send that command again on a
+            # fresh connection instead of answering 503 while Redis is reachable. Every command
+            # here is idempotent; a timeout is not retried (a hung Redis must not cost twice).
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
         )
         self._redis = Redis(connection_pool=self._pool)
         self._epoch: str | None = None
@@ -368,6 +375,7 @@ class RunStore:
                             last_seq=int(reply[3]),
                             rebuilt=int(reply[4]) == 1,
                             replaced=int(reply[5]) == 1,
+                            rolled_back=int(reply[6]),
                         )
                     )
                 else:

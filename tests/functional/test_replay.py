@@ -893,6 +893,7 @@ async def test_status_of_a_running_then_finished_run(
         "trimmed_events": 0,
         "lost_ranges": [],
         "history_lost_through": None,
+        "history_lost_ranges": [],
         "dialect": "letta",
         "protocol_id": None,
     }

@@ -239,13 +239,13 @@ async def test_the_append_scripts_claim_modes(redis_client: redis.asyncio.Redis)
         head = [producer, mode, "30000", "60000", "100000", 0, "0", 2, "status", "running"]
         return [*head, "generation", generation, *quad(1)]
 
-    # {0, added, trimmed, last_seq, rebuilt, replaced}
-    assert await run_script(redis_client, run_id, *claim("p1", "2", "g1")) == [0, 1, 0, 1, 0, 0]
+    # {0, added, trimmed, last_seq, rebuilt, replaced, rolled_back}
+    assert await run_script(redis_client, run_id, *claim("p1", "2", "g1")) == [0, 1, 0, 1, 0, 0, 0]
     # p1 still holds a live lease: every mode is refused with the holder.
     assert await run_script(redis_client, run_id, *claim("p2", "1", "g2")) == [-1, b"p1"]
     await redis_client.hset(f"sse:run:{{{run_id}}}:meta", "status", "completed")
     assert await run_script(redis_client, run_id, *claim("p2", "2", "g2")) == [-4, b"completed"]
     assert (await meta(redis_client, run_id))["generation"] == "g1"
-    assert await run_script(redis_client, run_id, *claim("p2", "1", "g2")) == [0, 1, 0, 1, 0, 1]
+    assert await run_script(redis_client, run_id, *claim("p2", "1", "g2")) == [0, 1, 0, 1, 0, 1, 0]
     m = await meta(redis_client, run_id)
     assert (m["generation"], m["producer"], m["status"]) == ("g2", "p2", "running")

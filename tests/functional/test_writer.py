@@ -195,13 +195,13 @@ async def test_append_script_retried_with_the_same_batch_stores_each_seq_once(
     # event quads
     head = ["prod-a", "1", "30000", "60000", "100000", 0, "0", 1, "status", "running"]
     batch = [*head, *quad(1), *quad(2)]
-    # {0, added, trimmed, last_seq, rebuilt, replaced}
-    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2, 0, 0]
+    # {0, added, trimmed, last_seq, rebuilt, replaced, rolled_back}
+    assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2, 0, 0, 0]
     # The reply was "lost": the same batch again (the writer would still send claim=1).
-    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2, 0, 0]
+    assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2, 0, 0, 0]
     # A later retry that overlaps: only the new seq is added.
     again = ["prod-a", "0", "30000", "60000", "100000", 2, "0", 0, *quad(2), *quad(3)]
-    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3, 0, 0]
+    assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3, 0, 0, 0]
     rows = await stored(redis_client, run_id)
     assert seqs(rows) == [1, 2, 3]
     assert [r["id"] for r in rows] == ["1-0", "2-0", "3-0"]
@@ -214,8 +214,8 @@ async def test_append_script_retried_with_the_same_batch_stores_each_seq_once(
     # The same batch with allow_gap: the hole is recorded as lost, and retrying it changes
     # nothing (the hole is recorded once).
     hole = ["prod-a", "0", "30000", "60000", "100000", 3, "1", 0, *quad(4), *quad(6)]
-    assert await run_script(redis_client, run_id, *hole) == [0, 2, 0, 6, 0, 0]
-    assert await run_script(redis_client, run_id, *hole) == [0, 0, 0, 6, 0, 0]
+    assert await run_script(redis_client, run_id, *hole) == [0, 2, 0, 6, 0, 0, 0]
+    assert await run_script(redis_client, run_id, *hole) == [0, 0, 0, 6, 0, 0, 0]
     assert seqs(await stored(redis_client, run_id)) == [1, 2, 3, 4, 6]
     h = await meta(redis_client, run_id)
     assert (h["last_seq"], h["lost_ranges"], h["lost_events"]) == ("6", "5-5", "1")
@@ -259,6 +259,30 @@ async def test_a_gap_in_seqs_is_refused_and_the_run_is_fenced(
     assert sample(m, "writer_dropped_events_total", reason="gap") == 2
     assert seqs(await stored(redis_client, run.run_id)) == [1, 2, 3]
     assert (await meta(redis_client, run.run_id))["last_seq"] == "3"
+
+
+async def test_confirmed_events_redis_lost_are_recorded_and_the_run_is_stored_on(
+    writers: WriterFactory, redis_client: redis.asyncio.Redis
+) -> None:
+    """Redis comes back holding the run without its last confirmed events (a failover to a
+    replica that lagged): not a gap to refuse, a loss to record (tests/faults/test_failover.py
+    is the same with a real replica)."""
+    w, m = writers()
+    run = await opened(w, "rollback-1", producer="prod-r")
+    for seq in range(1, 6):
+        assert w.append(run, seq, ev(seq))
+    assert await w.flush(5)
+    await redis_client.xdel(KEYS.stream(run.run_id), "4-0", "5-0")
+    await redis_client.hset(KEYS.meta(run.run_id), "last_seq", "3")
+    assert w.append(run, 6, ev(6))
+    assert w.append(run, 7, ev(7), complete=True, meta={"status": "completed"})
+    assert await w.flush(5)
+    assert seqs(await stored(redis_client, run.run_id)) == [1, 2, 3, 6, 7]
+    h = await meta(redis_client, run.run_id)
+    assert (h["incomplete"], h["history_lost_ranges"]) == ("history_lost", "4-5")
+    assert (h["last_seq"], h["status"], h["producer"]) == ("7", "completed", "prod-r")
+    assert sample(m, "writer_dropped_events_total", reason="history_lost") == 2
+    assert sample(m, "writer_dropped_events_total", reason="gap") == 0
 
 
 # -- TTL and length cap ----------------------------------------------------------------------

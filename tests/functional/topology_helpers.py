@@ -18,7 +18,7 @@ from sidecar.keys import Keys, RunId
 from sidecar.store.runstore import APPEND_SCRIPT
 
 KEYS = Keys()
-_RETURN = "return {0, added, trimmed, last, rebuilt, replaced}"
+_RETURN = "return {0, added, trimmed, last, rebuilt, replaced, rolled_back}"
 # The append script with the live tail's wake-up (cluster_tail.py): the change the store would
 # make to append.lua. The channel has the run's hash tag, so the script stays slot-local.
 TAIL_APPEND_SCRIPT = APPEND_SCRIPT.replace(
