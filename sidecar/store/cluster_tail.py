@@ -70,6 +70,10 @@ class Routing(Protocol):
         """A PubSub on a dedicated connection to ``node``, without redis-py retries."""
         ...
 
+    async def connect(self) -> None:
+        """Learn the topology, if not known yet."""
+        ...
+
     async def refresh(self) -> None:
         """Learn the topology again (after a failover)."""
         ...
@@ -92,6 +96,9 @@ class ClusterRouting:
         host, _, port = node.rpartition(":")
         return self.make_pubsub(host, int(port))
 
+    async def connect(self) -> None:
+        await self.cluster.initialize()  # at once when it was done
+
     async def refresh(self) -> None:
         await self.cluster.initialize()
         await self.cluster.nodes_manager.initialize()
@@ -108,6 +115,9 @@ class SingleRouting:
 
     def pubsub(self, node: str) -> PubSub:
         return self.make_pubsub()
+
+    async def connect(self) -> None:
+        return None
 
     async def refresh(self) -> None:
         return None
@@ -262,6 +272,13 @@ class ClusterTail:
 
     async def _route(self) -> bool:
         """Subscribe every homeless run on its owner's link; False if some must wait."""
+        if self._homeless:
+            try:
+                await self._routing.connect()
+            except FOREIGN as exc:
+                log.warning("cannot learn the Redis topology, retrying: %s", exc)
+                self._failed(exc)
+                return False
         for stream in list(self._homeless):
             if self._streams.get(stream.run_id) is not stream:
                 self._homeless.discard(stream)

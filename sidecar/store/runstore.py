@@ -327,8 +327,10 @@ class RunStore:
         On a cluster there is one epoch key on every primary (a hash tag of a slot it serves),
         so any primary that lost its data is noticed.
         """
-        keys = self._epoch_keys()
         async with self._command("probe") as redis:
+            if isinstance(redis, RedisCluster):
+                await redis.initialize()  # the slot map, for the epoch keys (once)
+            keys = self._epoch_keys()
             async with redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.get(key)
@@ -360,8 +362,6 @@ class RunStore:
         for slot, nodes in self._redis.nodes_manager.slots_cache.items():
             if nodes and (name := nodes[0].name) not in first:
                 first[name] = slot
-        if not first:  # not connected yet: any key connects it
-            return [self.keys.epoch]
         return [f"{self.keys.epoch}:{{{tag_for_slot(slot)}}}" for slot in sorted(first.values())]
 
     # -- the writer --------------------------------------------------------------------------

@@ -297,3 +297,26 @@ async def test_the_writer_on_the_store_writes_runs_through_a_primary_sigkill_on_
         assert await stored_seqs(cluster_clients.general, run) == list(range(1, 81)), run
         meta: Any = await cluster_clients.general.hgetall(keys.meta(RunId(run)))
         assert meta[b"last_seq"] == b"80"
+
+
+async def test_the_epoch_probe_covers_every_primary_and_notices_one_that_lost_its_data(
+    redis_cluster: RedisClusterTopology,
+) -> None:
+    store = RunStore(redis_cluster.url, Keys())
+    try:
+        assert not await store.probe()
+        primaries = redis_cluster.primaries()
+        for primary in primaries:
+            with primary.client() as c:
+                assert len(c.keys("sse:run:epoch*")) == 1, primary.name
+        # A planned failover: the promoted replica has the key, so nothing was lost.
+        await asyncio.to_thread(redis_cluster.failover, redis_cluster.replica_of(primaries[0]))
+        assert not await store.probe()
+        assert not await store.probe()
+        # One primary loses its data (restarted empty, flushed): noticed, once.
+        with primaries[1].client() as c:
+            c.flushall()
+        assert await store.probe()
+        assert not await store.probe()
+    finally:
+        await store.aclose()

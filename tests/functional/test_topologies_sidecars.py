@@ -220,6 +220,8 @@ async def failover_mid_stream(
         await client.aclose()
     for replica in (a, b):
         assert await replica.metric(http, DONE_SAMPLE) == 0, replica.output()[-3000:]
+        # A replica promoted with the data is not a Redis that lost it.
+        assert await replica.metric(http, "sse_sidecar_redis_data_lost_total") == 0
     errors_b = await b.metric(http, 'sse_sidecar_redis_errors_total{operation="follow"}')
     with capsys.disabled():
         print(
