@@ -27,15 +27,18 @@ test: setup lint pytest
 pytest: setup tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...)
+## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...),
+## then the write path and the live tail on one Redis and on a 3-primary cluster
 bench: setup
 	@bench/setup.sh $(PYTHON)
 	$(BIN)/python -m bench $(ARGS)
+	$(BIN)/python -m bench.topologies
 
 ## bench-quick: the same scenarios at small sizes (< 1 min), to check that everything works
 bench-quick: setup
 	@bench/setup.sh $(PYTHON)
 	$(BIN)/python -m bench --quick $(ARGS)
+	$(BIN)/python -m bench.topologies --quick
 
 ## bench-dialects: CPU cost per event of decode, tracker and render, per dialect (< 1 min)
 bench-dialects: setup

@@ -35,6 +35,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from sidecar.background import Background
 from sidecar.errors import StoreError
 from sidecar.keys import RunId
 from sidecar.store.errors import FOREIGN
@@ -52,6 +53,7 @@ MAX_READS_PER_ROUND = 512  # runs read in one pipelined round
 LISTEN_SECONDS = 1.0
 # How often subscriptions are checked against the client's slot map (no Redis command).
 RECONCILE_SECONDS = 1.0
+CLOSE_SECONDS = 5.0
 
 
 def tail_channel(stream_key: str) -> str:
@@ -173,24 +175,29 @@ class ClusterTail:
         self._lost_contact = False  # something failed since Redis last answered
         self._route_wake = asyncio.Event()
         self._read_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loops = [
+            Background("sse-tail-router", self._route_loop, store.metrics),
+            Background("sse-tail-reader", self._read_loop, store.metrics),
+        ]
+        self._closed = False  # a read that swallowed its cancellation must not go on
         self.stats = TailStats()
 
     # -- API ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._route_loop(), name="sse-tail-router"),
-                asyncio.create_task(self._read_loop(), name="sse-tail-reader"),
-            ]
+        for loop in self._loops:
+            loop.start()
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *(link.task for link in self._links.values() if link.task)]
-        for task in tasks:
+        self._closed = True
+        for loop in self._loops:
+            await loop.stop()
+        links = [link.task for link in self._links.values() if link.task]
+        for task in links:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks = []
+        if links:
+            # A read that swallows its cancellation (redis-py) ends once its connection closes.
+            await asyncio.wait(links, timeout=CLOSE_SECONDS)
         for link in list(self._links.values()):
             await self._close_link(link)
 
@@ -243,7 +250,7 @@ class ClusterTail:
     # -- subscriptions --------------------------------------------------------------------
 
     async def _route_loop(self) -> None:
-        while True:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._route_wake.wait(), RECONCILE_SECONDS)
             self._route_wake.clear()
@@ -406,7 +413,7 @@ class ClusterTail:
 
     async def _read_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._closed:
             await self._read_wake.wait()
             self._read_wake.clear()
             while self._dirty:

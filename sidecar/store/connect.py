@@ -138,8 +138,8 @@ class SingleClients:
             **_socket(self._options, socket_timeout, retry=retry),
         )
 
-    def dedicated(self, *, socket_timeout: float | None) -> Redis:
-        return _single_connection(self._pool(socket_timeout))
+    def dedicated(self, *, socket_timeout: float | None, retry: bool = True) -> Redis:
+        return _single_connection(self._pool(socket_timeout, retry=retry))
 
     def pubsub(self) -> PubSub:
         return Redis.from_pool(self._pool(None, retry=False)).pubsub()
@@ -261,8 +261,8 @@ class SentinelClients:
         self._pools.add(pool)
         return pool
 
-    def dedicated(self, *, socket_timeout: float | None) -> Redis:
-        return _single_connection(self._pool(socket_timeout))
+    def dedicated(self, *, socket_timeout: float | None, retry: bool = True) -> Redis:
+        return _single_connection(self._pool(socket_timeout, retry=retry))
 
     def pubsub(self) -> PubSub:
         return Redis.from_pool(self._pool(None, retry=False)).pubsub()
@@ -364,6 +364,13 @@ def _master_of(details: str) -> str | None:
         return details.split(" @ ", 1)[1].split(" ", 1)[0]
     parts = details.split(" ")
     return parts[1] if len(parts) > 1 and parts[0] == "master" else None
+
+
+def abort(client: Redis) -> None:
+    """Drop the connection of a single-connection client, under a command another task may be
+    waiting on (which then fails at once with a ConnectionError)."""
+    if client.connection is not None:
+        _abort(client.connection)
 
 
 def _abort(conn: AbstractConnection) -> None:

@@ -215,6 +215,7 @@ class RunStore:
     ) -> None:
         self.keys = keys
         self.health = Health()
+        self.metrics = metrics  # for the supervised tasks it starts (crashes are counted)
         self._timeout = timeout
         # Bounded: 1,000 replay readers catching up at once share these connections instead of
         # opening 1,000; a caller waits up to ``timeout`` for one (per node on a cluster).
@@ -296,11 +297,12 @@ class RunStore:
             raise self.failed(operation, exc) from exc
         self.health.ok()
 
-    def dedicated(self, *, socket_timeout: float | None) -> Redis:
-        """A client of its own single connection, for a command that blocks."""
+    def dedicated(self, *, socket_timeout: float | None, retry: bool = True) -> Redis:
+        """A client of its own single connection, for a command that blocks; ``retry=False``
+        for a caller that retries on its own (redis-py would reconnect under it)."""
         if isinstance(self._clients, ClusterClients):
             raise TypeError("no single dedicated connection on a cluster")
-        return self._clients.dedicated(socket_timeout=socket_timeout)
+        return self._clients.dedicated(socket_timeout=socket_timeout, retry=retry)
 
     async def unblock(self, client_id: int) -> bool:
         """``CLIENT UNBLOCK`` (the live tail's blocked read); whether it took effect."""

@@ -25,8 +25,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sidecar.background import Background
 from sidecar.errors import StoreError
 from sidecar.keys import RunId
+from sidecar.store.connect import abort
 from sidecar.store.entries import Entry, parse_entry, text
 from sidecar.store.errors import FOREIGN
 
@@ -82,24 +84,25 @@ class BlockingTail:
         self._store = store
         self._keys = store.keys
         self._listener = listener
-        self._client: Redis = store.dedicated(socket_timeout=self.BLOCK_MS / 1000 + 5)
+        # Not retried by redis-py: this loop retries on its own, and a read that fails at once
+        # is how ``close`` (and a Sentinel failover) ends a blocked read.
+        self._client: Redis = store.dedicated(socket_timeout=self.BLOCK_MS / 1000 + 5, retry=False)
         self._cursors: dict[RunId, int] = {}
         self._reading: Mapping[RunId, int] = {}  # what the read in flight covers
         self._changed = asyncio.Event()
         self._client_id: int | None = None
         self._blocking = False
         self._unblocking: asyncio.Task[None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("sse-live-tail", self._loop, store.metrics)
+        self._closed = False  # a read that swallowed its cancellation must not go on
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="sse-tail-xread")
+        self._background.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._closed = True
+        abort(self._client)
+        await self._background.stop()
         await self._client.aclose()
 
     def follow(self, run_id: RunId, cursor: int) -> None:
@@ -118,7 +121,7 @@ class BlockingTail:
 
     async def _loop(self) -> None:
         failures = 0
-        while True:
+        while not self._closed:
             if not self._cursors:
                 self._changed.clear()
                 await self._changed.wait()
@@ -134,6 +137,8 @@ class BlockingTail:
                         self._listener.recovered()
                 found = await self._read(positions)
             except FOREIGN as exc:
+                if self._closed:
+                    return
                 self._client_id = None
                 failures += 1
                 self._listener.failed(self._store.failed("follow", exc))
