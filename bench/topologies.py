@@ -36,7 +36,6 @@ import redis
 from redis.asyncio.cluster import ClusterNode
 
 from bench.common import NULL_IDS, WORDS, Clock, now_us, token_event
-from bench.loadgen import writer_alone
 from bench.procs import ROOT, Stack
 from sidecar.errors import StoreError
 from sidecar.keys import Keys, RunId
@@ -55,8 +54,8 @@ class Sizes:
     def __init__(self, quick: bool) -> None:
         self.mode = "quick" if quick else "full"
         self.write_events = 10 if quick else 60  # per run
-        self.tail_rounds = 15 if quick else 60  # one event per run per round
-        self.rate = 10  # rounds per second
+        self.tail_rounds = 10 if quick else 40  # one event per run per round
+        self.rate = 5  # rounds per second
 
 
 class Target:
@@ -122,24 +121,51 @@ class NodePipelines:
 
 
 async def write_path(target: Target, sizes: Sizes) -> dict[str, Any]:
+    """1,000 runs, ``write_events`` each, appended 8 at a time per run in rounds over all runs
+    (one producer loop; it waits while two round trips' worth is buffered)."""
     target.flush()
-    with NodePipelines() as pipelines:
-        result = await writer_alone(
-            redis_url=target.url, runs=RUNS, n=sizes.write_events, prefix="w"
-        )
-        connections = target.connections()  # the store is closed: what is left is not ours
-    events = result["events"]
-    node_writes = pipelines.count or result["round_trips"]
+    store = RunStore(target.url, Keys())
+    metrics = Metrics()
+    writer = Writer(store, metrics)
+    writer.start()
+    runs = [writer.open(RunId(f"w-{i}"), "bench", {"status": "running"}) for i in range(RUNS)]
+    await writer.flush(60)
+    mid = b"00000000-0000-0000-0000-000000000000"
+    limit = 2 * 512
+    try:
+        with NodePipelines() as pipelines:
+            flushes0 = _flushes(metrics)
+            clock = Clock().start()
+            for first in range(1, sizes.write_events + 1, 8):
+                for run in runs:
+                    for seq in range(first, min(first + 8, sizes.write_events + 1)):
+                        raw = token_event(mid, WORDS[seq % len(WORDS)], now_us(), NULL_IDS)
+                        writer.append(run, seq, raw, complete=seq == sizes.write_events)
+                    while writer.pending_events > limit:  # noqa: ASYNC110 - no event to await
+                        await asyncio.sleep(0.0005)
+            await writer.flush(60)
+            elapsed = clock.elapsed()
+            round_trips = _flushes(metrics) - flushes0
+        stored = sum([await store.length(r.run_id) for r in runs])
+    finally:
+        await writer.close(10)
+        await store.aclose()
+    events = RUNS * sizes.write_events
     return {
         "target": target.name,
         "events": events,
-        "stored": result["stored"],
-        "events_per_s": result["events_per_s"],
-        "round_trips_per_event": result["round_trips"] / events,
-        "node_writes_per_round_trip": node_writes / max(result["round_trips"], 1),
-        "cpu_s": result["cpu_s"],
-        "idle_connections_after": connections,
+        "stored": stored,
+        "events_per_s": events / elapsed["wall_s"],
+        "cpu_us_per_event": elapsed["cpu_s"] * 1e6 / events,
+        "round_trips_per_event": round_trips / events,
+        "node_writes_per_round_trip": (pipelines.count or round_trips) / max(round_trips, 1),
+        "connections_after": target.connections(),
     }
+
+
+def _flushes(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value("sse_sidecar_flushes_total", {"outcome": "ok"})
+    return float(value or 0.0)
 
 
 class Lags:
@@ -168,43 +194,65 @@ class Lags:
         pass
 
 
-async def live_tail(target: Target, sizes: Sizes, mode: TailMode | None) -> dict[str, Any]:
-    target.flush()
-    keys = Keys()
-    runs = [RunId(f"t-{i}") for i in range(RUNS)]
-    producer = RunStore(target.url, keys, live_tail=mode)  # same wake-ups as the followers
+async def produce(url: str, mode: TailMode | None, rounds: int, rate: float) -> None:
+    """The producer of the live-tail case (a child process): one event to every run ``rate``
+    times a second, ``rounds`` times, through the writer; each event carries its send time."""
+    producer = RunStore(url, Keys(), live_tail=mode)  # the same wake-ups as the followers
     writer = Writer(producer, Metrics())
     writer.start()
-    streams = [writer.open(r, "bench", {"status": "running"}) for r in runs]
+    streams = [writer.open(RunId(f"t-{i}"), "bench", {"status": "running"}) for i in range(RUNS)]
     await writer.flush(60)
-    follower = RunStore(target.url, keys, live_tail=mode)
-    lags = Lags()
-    tail = follower.live_tail(lags)
-    tail.start()
-    for r in runs:
-        tail.follow(r, 0)
-    await asyncio.sleep(2.0)  # subscriptions settle (the pub/sub tail subscribes per run)
+    print("ready", flush=True)
+    assert sys.stdin.readline().strip() == "go"
+    mid = b"00000000-0000-0000-0000-000000000000"
+    started = time.perf_counter()
     try:
-        lags.expected = RUNS * sizes.tail_rounds
+        for seq in range(1, rounds + 1):
+            for stream in streams:
+                writer.append(stream, seq, token_event(mid, WORDS[seq % 8], now_us(), NULL_IDS))
+            # Paced: round ``seq`` starts at seq / rate seconds.
+            await asyncio.sleep(max(0.0, started + seq / rate - time.perf_counter()))
+        await writer.flush(60)
+    finally:
+        await writer.close(10)
+        await producer.aclose()
+
+
+async def live_tail(target: Target, sizes: Sizes, mode: TailMode | None) -> dict[str, Any]:
+    target.flush()
+    follower = RunStore(target.url, Keys(), live_tail=mode)
+    lags = Lags()
+    lags.expected = RUNS * sizes.tail_rounds
+    tail = follower.live_tail(lags)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.topologies", "--produce", target.url,
+        "--tail", follower.tail_mode, "--rounds", str(sizes.tail_rounds),
+        "--rate", str(sizes.rate),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        assert (await asyncio.wait_for(child.stdout.readline(), 60)).strip() == b"ready"
+        tail.start()
+        for i in range(RUNS):
+            tail.follow(RunId(f"t-{i}"), 0)
+        await asyncio.sleep(2.0)  # subscriptions settle (the pub/sub tail subscribes per run)
         commands0, cpu0 = target.stats()
         clock = Clock().start()
-        mid = b"00000000-0000-0000-0000-000000000000"
-        started = time.perf_counter()
-        for seq in range(1, sizes.tail_rounds + 1):
-            for stream in streams:
-                raw = token_event(mid, WORDS[seq % len(WORDS)], now_us(), NULL_IDS)
-                writer.append(stream, seq, raw)
-            # Paced: round ``seq`` starts at seq / rate seconds.
-            await asyncio.sleep(max(0.0, started + seq / sizes.rate - time.perf_counter()))
-        await asyncio.wait_for(lags.done.wait(), 60)
+        child.stdin.write(b"go\n")
+        await child.stdin.drain()
+        await asyncio.wait_for(lags.done.wait(), 120)
         elapsed = clock.elapsed()
         commands1, cpu1 = target.stats()
-        connections = target.connections()
+        assert await child.wait() == 0
+        connections = target.connections()  # the follower's (the producer has exited)
     finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
         await tail.close()
-        await writer.close(10)
         await follower.aclose()
-        await producer.aclose()
     events = lags.expected
     ordered = sorted(lags.lags_ms)
     return {
@@ -215,9 +263,9 @@ async def live_tail(target: Target, sizes: Sizes, mode: TailMode | None) -> dict
         "events_per_s": events / elapsed["wall_s"],
         "lag_p50_ms": statistics.median(ordered),
         "lag_p99_ms": ordered[int(len(ordered) * 0.99) - 1],
+        "tail_cpu_us_per_event": elapsed["cpu_s"] * 1e6 / events,
         "tail_commands_per_event": (commands1 - commands0) / events,
         "redis_cpu_us_per_event": (cpu1 - cpu0) * 1e6 / events,
-        "bench_cpu_s": elapsed["cpu_s"],
         "connections_per_primary": connections,
         "tail_failures": lags.failures,
     }
@@ -226,32 +274,33 @@ async def live_tail(target: Target, sizes: Sizes, mode: TailMode | None) -> dict
 def tables(writes: list[dict[str, Any]], tails: list[dict[str, Any]], sizes: Sizes) -> str:
     out = [
         f"Write path: {RUNS:,} runs x {sizes.write_events} events, as fast as the writer takes "
-        "them:",
+        "them (one process):",
         "",
-        "| Redis | events/s | writer round trips/event | node writes per round trip "
-        "| bench CPU s |",
+        "| Redis | events/s | CPU µs/event | writer round trips/event "
+        "| node writes per round trip |",
         "|---|---|---|---|---|",
     ]
     for w in writes:
         out.append(
-            f"| {w['target']} | {w['events_per_s']:,.0f} | {w['round_trips_per_event']:.4f} | "
-            f"{w['node_writes_per_round_trip']:.2f} | {w['cpu_s']:.1f} |"
+            f"| {w['target']} | {w['events_per_s']:,.0f} | {w['cpu_us_per_event']:.1f} | "
+            f"{w['round_trips_per_event']:.4f} | {w['node_writes_per_round_trip']:.2f} |"
         )
     out += [
         "",
-        f"Live tail: {RUNS:,} runs followed, one event per run {sizes.rate} times a second "
-        f"({RUNS * sizes.rate:,} events/s) for {sizes.tail_rounds / sizes.rate:.0f} s:",
+        f"Live tail: {RUNS:,} runs followed by one process, while another writes one event per "
+        f"run {sizes.rate:g} times a second ({RUNS * sizes.rate:,.0f} events/s) for "
+        f"{sizes.tail_rounds / sizes.rate:.0f} s:",
         "",
-        "| Redis, live tail | events/s delivered | lag p50 ms | lag p99 ms "
+        "| Redis, live tail | events/s delivered | lag p50 ms | lag p99 ms | follower CPU µs/event "
         "| tail commands/event | Redis CPU µs/event (writes + tail) | connections per primary |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in tails:
         conns = " / ".join(str(c) for c in t["connections_per_primary"])
         out.append(
             f"| {t['target']}, {t['tail']} | {t['events_per_s']:,.0f} | {t['lag_p50_ms']:.1f} "
-            f"| {t['lag_p99_ms']:.1f} | {t['tail_commands_per_event']:.3f} "
-            f"| {t['redis_cpu_us_per_event']:.1f} | {conns} |"
+            f"| {t['lag_p99_ms']:.1f} | {t['tail_cpu_us_per_event']:.1f} "
+            f"| {t['tail_commands_per_event']:.3f} | {t['redis_cpu_us_per_event']:.1f} | {conns} |"
         )
     return "\n".join(out)
 
@@ -301,7 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.topologies", description=(__doc__ or "").split("\n", 1)[0]
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--produce", metavar="URL", help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--tail", choices=("xread", "pubsub"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.produce:
+        asyncio.run(produce(args.produce, args.tail, args.rounds, args.rate))
+        return 0
     return asyncio.run(_main(args.quick))
 
 

@@ -71,7 +71,15 @@ class Target:
 
     def calls(self) -> dict[str, int]:
         """Commands Redis ran since ``reset_stats``, summed over the primaries (ours left out)."""
-        ours = {"cmdstat_config|resetstat", "cmdstat_info", "cmdstat_client|list"}
+        # This test's own connections (named at connect), and replication's heartbeats.
+        ours = {
+            "cmdstat_config|resetstat",
+            "cmdstat_info",
+            "cmdstat_client|list",
+            "cmdstat_client|setname",
+            "cmdstat_hello",
+            "cmdstat_replconf",
+        }
         total: dict[str, int] = {}
         for port in self.primaries:
             with redis.Redis(port=port, client_name=OURS) as c:
