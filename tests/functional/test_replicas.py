@@ -82,6 +82,13 @@ async def test_a_run_produced_on_a_is_followed_live_on_b(
         live = LiveReader(resp)
         await live.until(3)
         run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
+
+        async def claimed() -> bool:
+            # The live client gets events before A's claim is in Redis.
+            async with http.get(b.run_url(run_id)) as status:
+                return status.status == 200
+
+        await eventually(claimed, what="A's claim of the run in Redis")
         async with http.get(b.run_url(run_id)) as status:
             assert (await status.json())["status"] == "running"
         async with (
