@@ -176,8 +176,8 @@ class ClusterTail:
         self._route_wake = asyncio.Event()
         self._read_wake = asyncio.Event()
         self._loops = [
-            Background("sse-tail-router", self._route_loop, store.metrics),
-            Background("sse-tail-reader", self._read_loop, store.metrics),
+            Background("sse-live-tail-router", self._route_loop, store.metrics),
+            Background("sse-live-tail", self._read_loop, store.metrics),
         ]
         self._closed = False  # a read that swallowed its cancellation must not go on
         self.stats = TailStats()
