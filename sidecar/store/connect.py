@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -427,8 +428,13 @@ class ClusterClients:
         reaches every node's subscribers, so any node will do. A random one of the known nodes,
         so that a subscriber whose node died tries another (``RedisCluster.pubsub()`` would
         borrow a connection of the node's bounded pool, and pick the same node again)."""
-        node = self.general.get_random_node()
-        return self.node_pubsub(node.host, int(node.port))
+        known = list(self.general.nodes_manager.nodes_cache.values())
+        if known:
+            node = random.choice(known)
+            return self.node_pubsub(node.host, int(node.port))
+        # Not connected yet, or the slot map was dropped after an error: a startup node.
+        endpoint = random.choice(self.target.startup_nodes)
+        return self.node_pubsub(endpoint.host, endpoint.port)
 
     async def refresh(self) -> None:
         """Ask the cluster for its slot map again (after a node was lost)."""

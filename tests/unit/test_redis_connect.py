@@ -188,3 +188,16 @@ async def test_a_failover_that_fails_or_goes_silent_releases_writes(
 )
 def test_the_master_an_announcement_is_about(details: str, master: str | None) -> None:
     assert connect_module._master_of(details) == master
+
+
+async def test_a_cluster_cancel_subscription_needs_no_slot_map() -> None:
+    """Before the first command (or after redis-py dropped its slot map on an error) the cancel
+    subscription goes to a startup node instead of failing."""
+    clients = connect(parse_redis_url("redis+cluster://n1:7000,n2:7001"), OPTIONS)
+    assert isinstance(clients, ClusterClients)
+    assert not clients.general.nodes_manager.nodes_cache
+    pubsub = clients.pubsub()
+    kw = kwargs_of(pubsub.connection_pool)
+    assert (kw["host"], kw["port"]) in {("n1", 7000), ("n2", 7001)}
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await clients.aclose()
