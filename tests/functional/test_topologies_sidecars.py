@@ -10,8 +10,7 @@ on B are byte for byte the same, a run B cancels ends cancelled, and no run is d
 a lease without the health rule would show it). One failover per topology runs by default; the
 others are ``slow``.
 
-And 1,000 readers across many runs on a cluster hold a bounded number of Redis connections on
-each primary.
+And on a cluster, the readers of runs a primary lost (restarted empty, flushed) are told.
 """
 
 from __future__ import annotations
@@ -29,7 +28,9 @@ import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from sidecar.keys import Keys, RunId
-from tests.conftest import HANG, Gate, Step, Upstream
+from sidecar.store.connect import ClientOptions, ClusterClients, connect
+from sidecar.store.url import parse_redis_url
+from tests.conftest import HANG, Gate, SidecarFactory, Step, Upstream
 from tests.functional.helpers import (
     DONE,
     ClientView,
@@ -41,6 +42,7 @@ from tests.functional.helpers import (
     token,
 )
 from tests.functional.replicas import Replicas
+from tests.functional.topology_helpers import Producer, stream_key
 from tests.topologies import RedisClusterTopology, SentinelTopology
 
 PATH = "/v1/agents/agent-1/messages/stream"
@@ -258,3 +260,64 @@ async def test_sentinel_failover_mid_stream_loses_and_repeats_nothing(
 ) -> None:
     topology = sentinel_topology(failover_sentinel, how)
     await failover_mid_stream(topology, replicas, upstream, http, capsys, f"sentinel {how}")
+
+
+async def test_readers_of_runs_a_cluster_primary_lost_are_told(
+    redis_cluster: RedisClusterTopology,
+    make_sidecar: SidecarFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A primary loses its data (restarted empty, flushed): the probe's epoch key on that
+    primary notices, and the readers of its runs, produced elsewhere and quiet, get an error
+    event and a cut instead of waiting for entries that will never come. Readers of runs on the
+    other primaries go on."""
+    sc = await make_sidecar(redis_url=redis_cluster.url, redis_probe_seconds=0.2)
+    clients = connect(parse_redis_url(redis_cluster.url), ClientOptions())
+    assert isinstance(clients, ClusterClients)
+    await clients.general.script_load(Producer.script)
+    runs = [f"lost-{i}" for i in range(12)]
+    producer = Producer(clients.general, sse=True)
+    try:
+        await producer.append(runs, 2)  # running runs, their producer elsewhere (quiet)
+        # Not the primary of the slot of a plain "sse:run:epoch" key: one epoch key (as on one
+        # Redis) would not notice this primary's loss.
+        plain = redis_cluster.primary_for_key(Keys().epoch)
+        victim = next(
+            p for p in map(redis_cluster.primary_for_key, map(stream_key, runs)) if p is not plain
+        )
+        on_victim = [r for r in runs if redis_cluster.primary_for_key(stream_key(r)) is victim]
+        elsewhere = [r for r in runs if r not in on_victim]
+        assert elsewhere
+        readers = {}
+        for run in runs:
+            resp = await http.get(f"{sc.url}/sidecar/v1/runs/{run}/stream")
+            assert resp.status == 200
+            readers[run] = LiveReader(resp)
+            await readers[run].until(2)
+
+        async def probed() -> bool:
+            return sc.metric("sse_sidecar_redis_up") == 1
+
+        await eventually(probed, what="the sidecar's first probe")
+        with victim.client() as c:
+            c.flushall()
+        for run in on_victim:
+            # An error event, then a cut (the client library may drop the last bytes read
+            # before the cut): never a clean end.
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await readers[run].rest(timeout=10)
+            last = readers[run].events[-1]
+            assert last.id == "2" or last.event == "error", readers[run].body
+            assert "history_lost" in (last.data or "") or last.id == "2"
+        assert sc.metric("sse_sidecar_redis_data_lost_total") == 1
+        # Each of them was told (the error event went out before the cut).
+        assert sc.metric("sse_sidecar_replay_requests_total", outcome="lost") == len(on_victim)
+        # The others follow on.
+        await producer.append(elsewhere, 1)
+        for run in elsewhere:
+            await readers[run].until(3)
+            assert [int(e.id or 0) for e in readers[run].events] == [1, 2, 3]
+    finally:
+        for reader in readers.values():
+            reader.resp.release()
+        await clients.aclose()

@@ -27,11 +27,13 @@ def stream_key(run: str) -> str:
 @dataclass
 class Producer:
     """Appends events ``seq`` 1, 2, ... to runs, ``data = f"{run}:{seq}"`` (then ``pad`` bytes
-    of filler), as the writer does; ``wake``: with the live tail's sharded pub/sub wake-up."""
+    of filler), as the writer does; ``wake``: with the live tail's sharded pub/sub wake-up;
+    ``sse``: the data as an SSE event (``id: <seq>``, ``data: <run>:<seq>``), for replays."""
 
     client: Redis | RedisCluster
     wake: bool = True
     pad: int = 0
+    sse: bool = False
     acked: dict[str, int] = field(default_factory=dict)  # run -> last seq Redis confirmed
     replies: dict[str, int] = field(default_factory=dict)  # outcome -> count
     round_trips: int = 0
@@ -82,7 +84,8 @@ class Producer:
         wake = "1" if self.wake else "0"
         args += ["producer-1", "1" if known == 0 else "0", 30000, 600000, 100000, known, 0, wake, 0]
         for seq in range(known + 1, upto + 1):
-            args += [seq, f"{run}:{seq}" + "x" * self.pad, 1, "false"]
+            data = f"{run}:{seq}" + "x" * self.pad
+            args += [seq, f"id: {seq}\ndata: {data}\n\n" if self.sse else data, 1, "false"]
         return args
 
     def _count(self, outcome: str) -> None:
