@@ -38,15 +38,18 @@ test-faults: setup
 	FAULTS_REPORT_DIR=.run/faults $(BIN)/pytest tests/faults -m "long or not long" $(PYTEST_ARGS)
 	$(BIN)/python -m tests.faults.report .run/faults
 
-## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...)
+## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...),
+## then the write path and the live tail on one Redis and on a 3-primary cluster
 bench: setup
 	@bench/setup.sh $(PYTHON)
 	$(BIN)/python -m bench $(ARGS)
+	$(BIN)/python -m bench.topologies
 
 ## bench-quick: the same scenarios at small sizes (< 1 min), to check that everything works
 bench-quick: setup
 	@bench/setup.sh $(PYTHON)
 	$(BIN)/python -m bench --quick $(ARGS)
+	$(BIN)/python -m bench.topologies --quick
 
 ## bench-dialects: CPU cost per event of decode, tracker and render, per dialect (< 1 min)
 bench-dialects: setup

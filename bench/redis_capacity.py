@@ -5,9 +5,10 @@
 1. Memory: runs written with the real append script, ``MEMORY USAGE`` of their stream and meta
    keys and the server's ``used_memory`` growth, per event and per run, for a few event sizes
    and run lengths.
-2. The live tail on one Redis, 1,000 followed runs: today's shared ``XREAD BLOCK`` follower
-   against the sharded pub/sub tail (``sidecar/store/cluster_tail.py``), on the same writes:
-   Redis commands and Redis CPU per delivered event, and the idle cost.
+2. The live tail on one Redis, 1,000 followed runs: the shared ``XREAD BLOCK`` tail
+   (``sidecar/store/tail.py``) against the sharded pub/sub tail (``cluster_tail.py``), both as
+   the store builds them, on the same writes: Redis commands and Redis CPU per delivered event,
+   and the idle cost.
 3. The sharded pub/sub tail on a 3+3 Redis Cluster, 1,000 followed runs: the same figures.
 """
 
@@ -22,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import Stack
-from sidecar.follow import Follower
-from sidecar.store.cluster_tail import ClusterRouting, ClusterTail, SingleRouting
+from sidecar.errors import StoreError
+from sidecar.keys import Keys, RunId
+from sidecar.store import Entry, RunStore, TailMode
+from sidecar.store.cluster_tail import ClusterTail
 from sidecar.store.connect import ClientOptions, ClusterClients, SingleClients, connect
-from sidecar.store.runstore import APPEND_SCRIPT
 from sidecar.store.url import parse_redis_url
-from sidecar.telemetry import Metrics
-from tests.functional.topology_helpers import TAIL_APPEND_SCRIPT, Producer, stream_key
+from tests.functional.topology_helpers import Producer, stream_key
 from tests.topologies import RedisClusterTopology
 
 RUNS = 1000
@@ -56,8 +57,20 @@ async def server_stats(client: Any) -> tuple[int, float]:
     return commands, cpu
 
 
-def _add(counter: list[int], entries: list[Any]) -> None:
-    counter[0] += len(entries)
+class Counted:
+    """A live tail's listener that counts what it delivered."""
+
+    def __init__(self) -> None:
+        self.entries = 0
+
+    def deliver(self, run_id: RunId, after: int, entries: list[Entry]) -> None:
+        self.entries += len(entries)
+
+    def failed(self, error: StoreError) -> None:
+        print(f"live tail: {error}", file=sys.stderr)
+
+    def recovered(self) -> None:
+        pass
 
 
 def _is_cluster(client: Any) -> bool:
@@ -73,10 +86,10 @@ async def memory(url: str) -> None:
     for size in (150, 400, 1500):
         for per_run in (50, 500, 5000):
             await r.flushall()
-            await r.script_load(APPEND_SCRIPT)
+            await r.script_load(Producer.script)
             before = int((await r.info("memory"))["used_memory"])
             runs = [f"mem-{i}" for i in range(20)]
-            producer = Producer(r, script=APPEND_SCRIPT, pad=size - len("mem-0:0000"))
+            producer = Producer(r, wake=False, pad=size - len("mem-0:0000"))
             for start in range(0, per_run, 100):
                 await producer.append(runs, min(100, per_run - start))
             after = int((await r.info("memory"))["used_memory"])
@@ -110,23 +123,16 @@ async def _single_design(url: str, names: list[str], *, xread: bool, trickle: bo
     assert isinstance(clients, SingleClients)
     r = clients.general
     await r.flushall()
-    script = APPEND_SCRIPT if xread else TAIL_APPEND_SCRIPT
-    await r.script_load(script)
-    producer = Producer(r, script=script)
+    await r.script_load(Producer.script)
+    producer = Producer(r, wake=not xread)
     await producer.append(names, 1)
-    delivered = [0]
-    subs = []
-    if xread:
-        follower = Follower(url, r, Metrics(), connect_timeout=2.0)
-        follower.start()
-        subs = [follower.subscribe(stream_key(n), 1, 1 << 30) for n in names]
-        close = follower.close
-    else:
-        tail = ClusterTail(SingleRouting(r, clients.pubsub), lambda _k, e: _add(delivered, e))
-        tail.start()
-        for n in names:
-            tail.follow(stream_key(n), 1)
-        close = tail.close
+    mode: TailMode = "xread" if xread else "pubsub"
+    store = RunStore(url, Keys(), live_tail=mode)
+    delivered = Counted()
+    tail = store.live_tail(delivered)
+    tail.start()
+    for n in names:
+        tail.follow(RunId(n), 1)
     await asyncio.sleep(1.0)  # subscriptions settle
     c0, cpu0 = await server_stats(r)
     if trickle:
@@ -138,15 +144,16 @@ async def _single_design(url: str, names: list[str], *, xread: bool, trickle: bo
         events = len(names) * ROUNDS
         for _ in range(ROUNDS):
             await producer.append(names, 1)
-    while delivered[0] + sum(s.cursor - 1 for s in subs) < events:  # noqa: ASYNC110
+    while delivered.entries < events:  # noqa: ASYNC110  (a count has no event)
         await asyncio.sleep(0.01)
     c1, cpu1 = await server_stats(r)
     await asyncio.sleep(IDLE_SECONDS)
     c2, _ = await server_stats(r)
     connected = int((await r.info("clients"))["connected_clients"])
-    await close()
+    await tail.close()
+    await store.aclose()
     await clients.aclose()
-    design = "XREAD BLOCK follower" if xread else "sharded pub/sub tail"
+    design = "XREAD BLOCK tail" if xread else "sharded pub/sub tail"
     design += ", one event at a time" if trickle else f", {len(names)} runs' events per round"
     return (
         f"| {design} | {(c1 - c0) / events:.3f} | {(cpu1 - cpu0) * 1e6 / events:.1f} | "
@@ -161,20 +168,22 @@ async def tail_cluster(workdir: Path) -> None:
         clients = connect(parse_redis_url(topology.url), ClientOptions())
         assert isinstance(clients, ClusterClients)
         g = clients.general
-        await g.script_load(TAIL_APPEND_SCRIPT)
+        await g.script_load(Producer.script)
         names = [f"ctail-{i}" for i in range(RUNS)]
         producer = Producer(g)
         await producer.append(names, 1)
-        delivered = [0]
-        tail = ClusterTail(ClusterRouting(g, clients.node_pubsub), lambda _k, e: _add(delivered, e))
+        store = RunStore(topology.url, Keys())
+        delivered = Counted()
+        tail = store.live_tail(delivered)
+        assert isinstance(tail, ClusterTail)
         tail.start()
         for n in names:
-            tail.follow(stream_key(n), 1)
+            tail.follow(RunId(n), 1)
         await asyncio.sleep(1.0)
         c0, cpu0 = await server_stats(g)
         for _ in range(ROUNDS):
             await producer.append(names, 1)
-        while delivered[0] < RUNS * ROUNDS:  # noqa: ASYNC110  (a count has no event)
+        while delivered.entries < RUNS * ROUNDS:  # noqa: ASYNC110  (a count has no event)
             await asyncio.sleep(0.01)
         c1, cpu1 = await server_stats(g)
         await asyncio.sleep(IDLE_SECONDS)
@@ -188,6 +197,7 @@ async def tail_cluster(workdir: Path) -> None:
             f"{len(tail.nodes)} (one per primary), {tail.stats.read_rounds} read rounds"
         )
         await tail.close()
+        await store.aclose()
         await clients.aclose()
     finally:
         topology.stop()

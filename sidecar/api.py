@@ -17,6 +17,7 @@ Every ``{run_id}`` may also be the id the run's protocol gave it (``resp_...``, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,7 +29,7 @@ from sidecar.auth import Authorizer, Grant, Verdict
 from sidecar.dialects.openai_responses import resume_cursor
 from sidecar.ending import Finalizer
 from sidecar.errors import ApiError, InvalidRunId, StoreError
-from sidecar.follow import Follower
+from sidecar.follow import Follower, Subscription
 from sidecar.keys import RunId, validate_run_id
 from sidecar.openapi import openapi_document
 from sidecar.proxy import json_error
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # How long the cancel route waits for the run's terminal before answering 202 instead of 200.
 CANCEL_WAIT_SECONDS = 5.0
+# How often it asks again meanwhile.
+CANCEL_REPEAT_SECONDS = 1.0
 
 _OUTCOME_BY_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found"}
 _OUTCOME_BY_STATUS |= {408: "bad_request", 410: "gone", 413: "bad_request", 503: "unavailable"}
@@ -280,8 +283,11 @@ class Api:
             receivers = await self._store.publish_cancel(run_id)
             log.info("cancel requested", extra={"run_id": run_id, "replicas": receivers})
             async with asyncio.timeout(CANCEL_WAIT_SECONDS):
-                while not any(e.complete for e in sub.take()):
-                    await sub.ready.wait()
+                while not await _ended_within(sub, CANCEL_REPEAT_SECONDS):
+                    # A producer whose subscription was being re-made (its Redis node failed
+                    # over) did not hear it: ask again (cancelling twice is harmless).
+                    with contextlib.suppress(StoreError):
+                        await self._store.publish_cancel(run_id)
         except TimeoutError:
             # Nobody ended it: if its producer vanished meanwhile, end it here.
             ended = await self._finalizer.end(run_id, EndCause.CANCELLED, require_dead=True)
@@ -290,6 +296,17 @@ class Api:
         finally:
             self._follower.unsubscribe(sub)
         return web.json_response(status_body(await self._meta(run_id)))
+
+
+async def _ended_within(sub: Subscription, seconds: float) -> bool:
+    """Whether the run's last entry reached ``sub`` within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not any(e.complete for e in sub.take()):
+                await sub.ready.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _raise_unless_allowed(verdict: Verdict) -> None:

@@ -146,7 +146,9 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         Keys(s.key_prefix),
         max_connections=s.redis_max_connections,
         timeout=s.redis_timeout_seconds,
+        metrics=app[METRICS],
     )
+    store.start()
     app[STORE] = store
     try:
         yield

@@ -114,7 +114,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A replay reader that accepts no bytes this long is disconnected."
     )
     redis_max_connections: int = Field(
-        8, ge=2, description="Pool size for writes, claims and catch-up reads (plus 3 fixed)."
+        8,
+        ge=2,
+        description="Pool size for writes, claims and catch-up reads (plus the live tail's and "
+        "the cancel channel's connections); on a cluster the pool of each node, and the commands "
+        "in flight in all.",
     )
     ready_without_redis: bool = Field(
         False,

@@ -1,13 +1,15 @@
-"""The shared live tail: one blocked read serves every replay reader of this process.
+"""The shared live tail: one source of new entries serves every replay reader of this process.
 
 Each reader catches up on its own from history, then subscribes here with its cursor (the last
-seq it sent). The follower keeps the store's ``Tail`` blocked on every followed run, each from
-the lowest cursor of its subscribers, and hands new entries to the subscribers that have not seen
-them. Everything is cursor-based, so there is no subscribe-then-read race and no duplicate;
-nothing polls: when a subscriber needs a run (or an older position) the blocked read does not
-cover, the follower interrupts it and blocks again with the new set.
+seq it sent). The follower has the store's ``LiveTail`` follow every run that has subscribers,
+each from the lowest position among them, and hands what the tail delivers to the subscribers
+that have not seen it. Everything is cursor-based, so there is no subscribe-then-read race and no
+duplicate; nothing polls. Whatever the topology (one blocked ``XREAD`` on one Redis or Sentinel,
+sharded pub/sub wake-ups on a cluster: ``sidecar/store/tail.py``), a delivery is contiguous from
+the tail's cursor for the run, and a subscriber whose position that cursor does not cover (it
+joined while the read was in flight) is skipped: the tail reads the run again from there.
 
-When Redis comes back after the follower lost it, or the probe finds that Redis lost its data,
+When Redis comes back after the tail lost it, or the probe finds that Redis lost its data,
 the follower asks the store which followed runs still exist; the readers of a run that vanished
 are told (``Subscription.lost``) instead of waiting forever for entries that will never come.
 """
@@ -26,8 +28,6 @@ from sidecar.store import Entry, RunStore, backoff
 from sidecar.telemetry import Metrics
 
 log = logging.getLogger(__name__)
-
-READ_COUNT = 1000
 
 
 @dataclass(eq=False, slots=True)
@@ -95,23 +95,26 @@ class Subscription:
 
 
 class Follower:
+    """The subscriptions of this process's replay readers, fed by the store's live tail (the
+    follower is the tail's ``TailListener``)."""
+
     def __init__(self, store: RunStore, metrics: Metrics) -> None:
         self._store = store
-        self._tail = store.tail()
         self._m = metrics
         self._subs: dict[RunId, set[Subscription]] = {}
-        self._covered: dict[RunId, int] = {}  # what the blocked read in flight reads from
-        self._changed = asyncio.Event()
+        self._tail = store.live_tail(self)
+        self._resync = asyncio.Event()
         self._background = Background("sse-follower", self._loop, metrics)
         self._closing = False
         self._backoff = backoff(0.05, 2.0)
 
     def start(self) -> None:
+        self._tail.start()
         self._background.start()
 
     async def close(self) -> None:
         await self._background.stop()
-        await self._tail.aclose()
+        await self._tail.close()
 
     @property
     def followed(self) -> int:
@@ -124,10 +127,7 @@ class Follower:
         position = cursor if stored is None else min(cursor, stored)
         sub = Subscription(run_id, cursor, max_bytes, position, closed=self._closing)
         self._subs.setdefault(run_id, set()).add(sub)
-        covered = self._covered.get(run_id)
-        if covered is None or sub.position < covered:
-            self._changed.set()
-            self._tail.interrupt()
+        self._tail.follow(run_id, sub.position)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -136,6 +136,7 @@ class Follower:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.run_id]
+                self._tail.unfollow(sub.run_id)
 
     def close_subscriptions(self) -> None:
         """At shutdown: wake every reader so that it ends its response now."""
@@ -160,42 +161,37 @@ class Follower:
                 sub.lost = True
                 sub.ready.set()
 
+    # -- the tail's reports (TailListener) ---------------------------------------------------
+
+    def deliver(self, run_id: RunId, after: int, entries: list[Entry]) -> None:
+        for sub in list(self._subs.get(run_id, ())):
+            # A reader whose position this read did not cover (it joined with an older cursor
+            # while the read was in flight) is not offered it: that would look like a gap. The
+            # tail reads the run again from its position.
+            if sub.position < after:
+                continue
+            for entry in entries:
+                sub.offer(entry)
+
+    def failed(self, error: StoreError) -> None:
+        self._m.redis_errors.labels("follow").inc()
+        log.warning("live-tail read failed, retrying: %s", error)
+
+    def recovered(self) -> None:
+        # Back after an outage: Redis may have come back empty.
+        self._resync.set()
+
     async def _loop(self) -> None:
         failures = 0
         while True:
-            if not self._subs:
-                self._changed.clear()
-                await self._changed.wait()
-                continue
+            await self._resync.wait()
+            self._resync.clear()
             try:
-                if failures:
-                    # Back after an outage: Redis may have come back empty.
-                    await self.check_runs()
-                await self._read_once()
+                await self.check_runs()
                 failures = 0
             except StoreError as exc:
                 failures += 1
                 self._m.redis_errors.labels("follow").inc()
-                log.warning("live-tail read failed, retrying: %s", exc)
+                log.warning("cannot check the followed runs, retrying: %s", exc)
+                self._resync.set()
                 await asyncio.sleep(self._backoff(failures))
-
-    async def _read_once(self) -> None:
-        positions = {run_id: min(s.position for s in subs) for run_id, subs in self._subs.items()}
-        self._covered = positions
-        self._changed.clear()
-        try:
-            found = await self._tail.read(positions, READ_COUNT)
-        finally:
-            self._covered = {}
-        for run_id, entries in found.items():
-            subs = self._subs.get(run_id)
-            if not subs:
-                continue
-            read_from = positions.get(run_id, 0)
-            for sub in list(subs):
-                # A reader that subscribed while this read was in flight, from an older cursor,
-                # is not covered by it (the next read is): offering it these would look like a gap.
-                if sub.position < read_from:
-                    continue
-                for entry in entries:
-                    sub.offer(entry)

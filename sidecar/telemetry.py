@@ -75,7 +75,10 @@ BACKGROUND_TASKS = (
     "sse-orphan-sweep",
     "sse-cancel-listener",
     "sse-follower",
+    "sse-live-tail",
+    "sse-live-tail-router",
     "sse-redis-probe",
+    "sse-sentinel-watch",
 )
 
 # Every kind label of upstream_errors_total: no connection, no answer in time, the connection

@@ -4,7 +4,8 @@
 -- ARGV    = producer, claim ("0": none; "1": may replace a finished run; "2": only a run id
 --           nothing is stored under), lease_ms, ttl_ms, maxlen, known_last (the last seq the
 --           producer saw confirmed), allow_gap ("1": seqs the writer could not store precede
---           this batch; record them as lost instead of refusing), nmeta,
+--           this batch; record them as lost instead of refusing), wake ("1": the live tail is
+--           woken by sharded pub/sub, see below), nmeta,
 --           nmeta pairs of (field, value), then quads of (seq, data, timestamp_ms, complete)
 --
 -- Returns {0, added, trimmed, last_seq, rebuilt, replaced, rolled_back} on success (rebuilt = 1
@@ -17,11 +18,16 @@
 --
 -- Idempotence: an event whose seq is not above the stored last_seq was already written by an
 -- earlier attempt whose reply was lost, so it is skipped; stream ids are "<seq>-0".
+--
+-- Wake-up: with wake = "1", a batch that added entries ends with SPUBLISH <stream key>:tail
+-- <last seq>, for the followers of the run (sidecar/store/cluster_tail.py). The channel has the
+-- run's hash tag, so the script stays in its slot. With "0" nothing is published (a follower
+-- blocked in XREAD is woken by the XADD itself; Redis before 7.0 has no SPUBLISH).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local producer = ARGV[1]
-local nmeta = tonumber(ARGV[8])
-local first = 9 + 2 * nmeta
+local nmeta = tonumber(ARGV[9])
+local first = 10 + 2 * nmeta
 local cur = redis.call('HMGET', KEYS[2], 'producer', 'status', 'lease_until_ms', 'last_seq')
 local last = tonumber(cur[4] or '0')
 local rebuilt = 0
@@ -109,7 +115,7 @@ if #ranges > 0 then
   fields[#fields + 1] = before and (before .. ',' .. joined) or joined
   redis.call('HINCRBY', KEYS[2], 'lost_events', lost)
 end
-for i = 9, first - 1, 2 do
+for i = 10, first - 1, 2 do
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end
@@ -125,4 +131,7 @@ end
 local ttl = tonumber(ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
+if added > 0 and ARGV[8] == '1' then
+  redis.call('SPUBLISH', KEYS[1] .. ':tail', last)
+end
 return {0, added, trimmed, last, rebuilt, replaced, rolled_back}

@@ -4,15 +4,16 @@ On Redis Cluster one command may only name keys of one hash slot, and every run 
 (``sse:run:{<id>}``), so the single-node design (one ``XREAD BLOCK ... STREAMS k1 k2 ...`` over
 every followed run) would need one blocked connection per run. Instead:
 
-- producer: the append script, when it added entries, ends with
-  ``SPUBLISH <stream key>:tail <last seq>``. The channel carries the run's hash tag, so it lives
-  in the run's own slot and the script stays slot-local;
-- follower (this class): for every followed stream, ``SSUBSCRIBE <key>:tail`` on a connection to
+- producer: the append script (and the finalize script), when it added entries and the store
+  asked for wake-ups, ends with ``SPUBLISH <stream key>:tail <last seq>``. The channel carries
+  the run's hash tag, so it lives in the run's own slot and the script stays slot-local;
+- follower (this class, a ``LiveTail``: ``tail.py``): for every followed run,
+  ``SSUBSCRIBE <stream key>:tail`` on a connection to
   the primary that owns the slot, one connection per primary whatever the number of streams;
   once Redis confirms a subscription, read the stream from the cursor (``XRANGE``); on every
   wake-up read again from the cursor. The reads of all woken streams go in one pipeline (one
-  round trip per node). Subscribing before reading, and reading from a cursor, means nothing is
-  missed and nothing is delivered twice;
+  round trip per node, through the store). Subscribing before reading, and reading from a
+  cursor, means nothing is missed and nothing is delivered twice;
 - failover or slot migration: the old primary sends ``sunsubscribe`` for the slot's channels,
   or its connection drops: refresh the slot map, subscribe on the new owner, read from the
   cursor.
@@ -28,29 +29,31 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from sidecar.store.runstore import Entry, parse_entry
+from sidecar.background import Background
+from sidecar.errors import StoreError
+from sidecar.keys import RunId
+from sidecar.store.errors import FOREIGN
+from sidecar.store.tail import READ_COUNT, TailListener, retry_delay
+
+if TYPE_CHECKING:
+    from sidecar.store.runstore import RunStore
 
 log = logging.getLogger(__name__)
 
 TAIL_SUFFIX = ":tail"
-READ_COUNT = 1000  # entries per XRANGE; a full page is read again at once
-MAX_READS_PER_ROUND = 512  # streams read in one pipelined round
-BACKOFF_START = 0.05
-BACKOFF_MAX = 2.0
+MAX_READS_PER_ROUND = 512  # runs read in one pipelined round
 # How long a link waits on its socket before it looks again (shutdown, health); not a poll
 # of Redis: nothing is sent.
 LISTEN_SECONDS = 1.0
 # How often subscriptions are checked against the client's slot map (no Redis command).
 RECONCILE_SECONDS = 1.0
-
-Deliver = Callable[[str, list[Entry]], None]
+CLOSE_SECONDS = 5.0
 
 
 def tail_channel(stream_key: str) -> str:
@@ -59,10 +62,7 @@ def tail_channel(stream_key: str) -> str:
 
 
 class Routing(Protocol):
-    """Where a stream's channel is subscribed, and the client that reads streams."""
-
-    @property
-    def reader(self) -> Redis | RedisCluster: ...
+    """Where a run's channel is subscribed."""
 
     def owner(self, channel: str) -> str:
         """The name of the node whose connection subscribes ``channel``."""
@@ -72,6 +72,10 @@ class Routing(Protocol):
         """A PubSub on a dedicated connection to ``node``, without redis-py retries."""
         ...
 
+    async def connect(self) -> None:
+        """Learn the topology, if not known yet."""
+        ...
+
     async def refresh(self) -> None:
         """Learn the topology again (after a failover)."""
         ...
@@ -79,22 +83,23 @@ class Routing(Protocol):
 
 @dataclass(eq=False)
 class ClusterRouting:
+    """The primary of the channel's slot, as the cluster client's slot map says."""
+
     cluster: RedisCluster
     make_pubsub: Callable[[str, int], PubSub]
-
-    @property
-    def reader(self) -> RedisCluster:
-        return self.cluster
 
     def owner(self, channel: str) -> str:
         node = self.cluster.get_node_from_key(channel)
         if node is None:
-            raise ConnectionError(f"no node serves the slot of {channel}")
+            raise RedisConnectionError(f"no node serves the slot of {channel}")
         return str(node.name)
 
     def pubsub(self, node: str) -> PubSub:
         host, _, port = node.rpartition(":")
         return self.make_pubsub(host, int(port))
+
+    async def connect(self) -> None:
+        await self.cluster.initialize()  # at once when it was done
 
     async def refresh(self) -> None:
         await self.cluster.initialize()
@@ -105,12 +110,7 @@ class ClusterRouting:
 class SingleRouting:
     """One Redis, or the primary Sentinel names (its pubsub connection follows a failover)."""
 
-    client: Redis
     make_pubsub: Callable[[], PubSub]
-
-    @property
-    def reader(self) -> Redis:
-        return self.client
 
     def owner(self, channel: str) -> str:
         return "primary"
@@ -118,13 +118,16 @@ class SingleRouting:
     def pubsub(self, node: str) -> PubSub:
         return self.make_pubsub()
 
+    async def connect(self) -> None:
+        return None
+
     async def refresh(self) -> None:
         return None
 
 
 @dataclass(eq=False)
 class _Stream:
-    key: str
+    run_id: RunId
     channel: bytes
     cursor: int
     link: _Link | None = None
@@ -155,54 +158,65 @@ class TailStats:
 
 
 class ClusterTail:
-    """Follow many streams from their cursors; deliver new entries in order to ``deliver``."""
+    """Follow many runs from their cursors; hand new entries, in order, to the listener."""
 
-    def __init__(self, routing: Routing, deliver: Deliver) -> None:
+    def __init__(self, store: RunStore, routing: Routing, listener: TailListener) -> None:
+        self._store = store
+        self._keys = store.keys
         self._routing = routing
-        self._deliver = deliver
-        self._streams: dict[str, _Stream] = {}
+        self._listener = listener
+        self._streams: dict[RunId, _Stream] = {}
         self._links: dict[str, _Link] = {}
         self._homeless: set[_Stream] = set()  # to (re)subscribe
         self._dirty: dict[_Stream, None] = {}  # to read, in wake-up order
         self._unsubscribe: list[tuple[_Link, bytes]] = []
         self._refresh = False  # learn the topology again before the next subscriptions
         self._failures = 0  # links lost since a subscription was last confirmed
+        self._lost_contact = False  # something failed since Redis last answered
         self._route_wake = asyncio.Event()
         self._read_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loops = [
+            Background("sse-live-tail-router", self._route_loop, store.metrics),
+            Background("sse-live-tail", self._read_loop, store.metrics),
+        ]
+        self._closed = False  # a read that swallowed its cancellation must not go on
         self.stats = TailStats()
 
     # -- API ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._route_loop(), name="tail-router"),
-            asyncio.create_task(self._read_loop(), name="tail-reader"),
-        ]
+        for loop in self._loops:
+            loop.start()
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *(link.task for link in self._links.values() if link.task)]
-        for task in tasks:
+        self._closed = True
+        for loop in self._loops:
+            await loop.stop()
+        links = [link.task for link in self._links.values() if link.task]
+        for task in links:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if links:
+            # A read that swallows its cancellation (redis-py) ends once its connection closes.
+            await asyncio.wait(links, timeout=CLOSE_SECONDS)
         for link in list(self._links.values()):
             await self._close_link(link)
 
-    def follow(self, key: str, cursor: int) -> None:
-        """Deliver the entries of ``key`` after ``cursor``, now and as they come."""
-        stream = self._streams.get(key)
+    def follow(self, run_id: RunId, cursor: int) -> None:
+        """Deliver the entries of ``run_id`` after ``cursor``, now and as they come."""
+        stream = self._streams.get(run_id)
         if stream is not None:
             if cursor < stream.cursor:
                 stream.cursor = cursor
-                self._mark_dirty(stream)
+                if stream.subscribed:
+                    self._mark_dirty(stream)
             return
-        stream = _Stream(key, tail_channel(key).encode(), cursor)
-        self._streams[key] = stream
+        stream = _Stream(run_id, tail_channel(self._keys.stream(run_id)).encode(), cursor)
+        self._streams[run_id] = stream
         self._homeless.add(stream)
         self._route_wake.set()
 
-    def unfollow(self, key: str) -> None:
-        stream = self._streams.pop(key, None)
+    def unfollow(self, run_id: RunId) -> None:
+        stream = self._streams.pop(run_id, None)
         if stream is None:
             return
         self._homeless.discard(stream)
@@ -219,22 +233,37 @@ class ClusterTail:
         """The nodes this tail holds a subscribed connection to (one each)."""
         return sorted(self._links)
 
+    # -- failures -------------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> None:
+        self._lost_contact = True
+        error = exc if isinstance(exc, StoreError) else self._store.failed("follow", exc)
+        self._listener.failed(error)
+
+    def _answered(self) -> None:
+        """Redis answered (a subscription confirmed, a read done)."""
+        self._store.health.ok()
+        if self._lost_contact:
+            self._lost_contact = False
+            self._listener.recovered()
+
     # -- subscriptions --------------------------------------------------------------------
 
     async def _route_loop(self) -> None:
-        while True:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._route_wake.wait(), RECONCILE_SECONDS)
             self._route_wake.clear()
             self._reconcile()
             if self._failures:
-                await asyncio.sleep(min(BACKOFF_START * 2 ** (self._failures - 1), BACKOFF_MAX))
+                await asyncio.sleep(retry_delay(self._failures))
             if self._refresh or self._failures:
                 self._refresh = False
                 try:
                     await self._routing.refresh()
-                except (RedisError, OSError) as exc:
+                except FOREIGN as exc:
                     log.warning("cannot learn the Redis topology, retrying: %s", exc)
+                    self._failed(exc)
                     self._failures += 1
                     self._route_wake.set()
                     continue
@@ -242,16 +271,23 @@ class ClusterTail:
                 link, channel = self._unsubscribe.pop()
                 if self._links.get(link.node) is not link:
                     continue  # dropped meanwhile: its subscriptions went with its connection
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*FOREIGN):
                     await link.pubsub.execute_command("SUNSUBSCRIBE", channel)
             if not await self._route():
                 self._failures += 1
                 self._route_wake.set()
 
     async def _route(self) -> bool:
-        """Subscribe every homeless stream on its owner's link; False if some must wait."""
+        """Subscribe every homeless run on its owner's link; False if some must wait."""
+        if self._homeless:
+            try:
+                await self._routing.connect()
+            except FOREIGN as exc:
+                log.warning("cannot learn the Redis topology, retrying: %s", exc)
+                self._failed(exc)
+                return False
         for stream in list(self._homeless):
-            if self._streams.get(stream.key) is not stream:
+            if self._streams.get(stream.run_id) is not stream:
                 self._homeless.discard(stream)
                 continue
             try:
@@ -262,8 +298,9 @@ class ClusterTail:
                 self._homeless.discard(stream)
                 await link.pubsub.execute_command("SSUBSCRIBE", stream.channel)
                 self.stats.subscribes += 1
-            except (RedisError, OSError) as exc:
+            except FOREIGN as exc:
                 log.warning("cannot subscribe to %s, retrying: %s", stream.channel, exc)
+                self._failed(exc)
                 self._homeless.add(stream)
                 if stream.link is not None:
                     await self._drop_link(stream.link)
@@ -280,7 +317,7 @@ class ClusterTail:
                 continue
             try:
                 owner = self._routing.owner(stream.channel.decode())
-            except (RedisError, OSError):
+            except FOREIGN:
                 continue
             if owner != link.node:
                 del link.streams[stream.channel]
@@ -299,7 +336,7 @@ class ClusterTail:
                 raise
             link = _Link(node, pubsub)
             self._links[node] = link
-            link.task = asyncio.create_task(self._listen(link), name=f"tail-link-{node}")
+            link.task = asyncio.create_task(self._listen(link), name=f"sse-tail-link-{node}")
         return link
 
     async def _listen(self, link: _Link) -> None:
@@ -311,12 +348,14 @@ class ClusterTail:
                 self._on_message(link, message)
                 if not link.streams and not link.unsubscribing:
                     break  # nothing followed here any more (unfollowed, or the slots moved)
-        except (RedisError, OSError) as exc:
+        except FOREIGN as exc:
             # The node died, or refused a subscription (e.g. MOVED: it no longer owns a slot).
             log.warning("live-tail link to %s lost, resubscribing elsewhere: %s", link.node, exc)
+            self._failed(exc)
             self._failures += 1
         except Exception:
             log.exception("live-tail link to %s failed, resubscribing", link.node)
+            self._lost_contact = True
             self._failures += 1
         link.task = None
         await self._drop_link(link)
@@ -333,6 +372,7 @@ class ClusterTail:
             if stream is not None:
                 stream.subscribed = True
                 self._failures = 0
+                self._answered()
                 self._mark_dirty(stream)  # catch up: everything after this will wake us
         elif kind == "sunsubscribe":
             if channel in link.unsubscribing:
@@ -346,7 +386,7 @@ class ClusterTail:
     def _rehome(self, stream: _Stream) -> None:
         stream.link, stream.subscribed = None, False
         self._dirty.pop(stream, None)
-        if self._streams.get(stream.key) is stream:
+        if self._streams.get(stream.run_id) is stream:
             self.stats.reroutes += 1
             self._homeless.add(stream)
             self._route_wake.set()
@@ -362,7 +402,7 @@ class ClusterTail:
         await self._close_link(link)
 
     async def _close_link(self, link: _Link) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*FOREIGN):
             await link.pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # -- reads ----------------------------------------------------------------------------
@@ -372,16 +412,16 @@ class ClusterTail:
         self._read_wake.set()
 
     async def _read_loop(self) -> None:
-        backoff = BACKOFF_START
-        while True:
+        failures = 0
+        while not self._closed:
             await self._read_wake.wait()
             self._read_wake.clear()
             while self._dirty:
                 if await self._read_round():
-                    backoff = BACKOFF_START
+                    failures = 0
                 else:
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    failures += 1
+                    await asyncio.sleep(retry_delay(failures))
 
     async def _read_round(self) -> bool:
         batch = []
@@ -391,34 +431,30 @@ class ClusterTail:
             if len(batch) >= MAX_READS_PER_ROUND:
                 break
         try:
-            async with self._routing.reader.pipeline(transaction=False) as pipe:
-                for stream, cursor in batch:
-                    pipe.xrange(stream.key, min=f"{cursor + 1}-0", count=READ_COUNT)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+            pages = await self._store.read_after(
+                [(stream.run_id, cursor) for stream, cursor in batch], READ_COUNT
+            )
+        except StoreError as exc:
             log.warning("live-tail read failed, retrying: %s", exc)
+            self._failed(exc)
             for stream, _ in batch:
-                self._mark_dirty(stream)
+                if self._streams.get(stream.run_id) is stream:
+                    self._mark_dirty(stream)
             return False
+        self._answered()
         self.stats.read_rounds += 1
         self.stats.reads += len(batch)
-        ok = True
-        for (stream, cursor), reply in zip(batch, replies, strict=True):
-            if self._streams.get(stream.key) is not stream:
+        for (stream, cursor), entries in zip(batch, pages, strict=True):
+            if self._streams.get(stream.run_id) is not stream:
                 continue  # unfollowed meanwhile
-            if isinstance(reply, Exception):
-                ok = False
-                self._mark_dirty(stream)
-                continue
             # A cursor lowered (follow) while this read was in flight: read again from there.
-            if stream.cursor < cursor:
+            if stream.cursor != cursor:
                 self._mark_dirty(stream)
                 continue
-            entries = [e for e in (parse_entry(i, f) for i, f in reply) if e.seq > stream.cursor]
             if entries:
                 stream.cursor = entries[-1].seq
                 self.stats.entries += len(entries)
-                self._deliver(stream.key, entries)
-            if len(reply) >= READ_COUNT:
+                self._listener.deliver(stream.run_id, cursor, entries)
+            if len(entries) >= READ_COUNT:
                 self._mark_dirty(stream)
-        return ok
+        return True

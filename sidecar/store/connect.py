@@ -13,20 +13,25 @@ connections the sidecar keeps besides it.
   connection).
 - ``pubsub()``: a ``PubSub`` on a connection of its own (the cancel channel; on a cluster, a
   classic ``PUBLISH`` reaches every node, so one connection to any node will do).
+- ``SentinelClients.watch_failovers()``: follows the sentinels' announcements (run it as a
+  supervised background task), and ``wait_writable`` holds writes while a failover is under way.
 - ``ClusterClients.node_pubsub(host, port)``: a ``PubSub`` on a connection of its own to one
   cluster node (the live tail's sharded subscriptions, one connection per primary:
   ``cluster_tail.py``).
 
-Retries: redis-py's ``Retry`` with ``ExponentialWithJitterBackoff`` on connection errors and
-timeouts (``ClientOptions``). With Sentinel a retried connect asks the sentinels again, so a
-command issued while the primary fails over waits for the new one, within the retries (README
-"Redis Sentinel and Redis Cluster").
+Retries: redis-py's ``Retry`` with ``ExponentialWithJitterBackoff`` on connection errors
+(``ClientOptions``): a pooled connection that died while idle (Redis restarted, failed over, or
+the network reset it) costs a resend on a fresh one, not an error. Timeouts are not retried: a
+hung Redis must not cost a caller several timeouts. With Sentinel a retried connect asks the
+sentinels again, so a command issued while the primary fails over waits for the new one, within
+the retries (README "Redis Sentinel and Redis Cluster").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +47,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from sidecar.store.url import (
@@ -59,9 +65,9 @@ class ClientOptions:
     max_connections: int = 8  # the general client's bound (per node on a cluster)
     timeout: float = 2.0  # socket reads and writes; the wait for a free pooled connection
     connect_timeout: float = 2.0
-    # redis-py retries a command this many times on connection errors and timeouts, with
-    # exponential backoff and full jitter from backoff_base, capped at backoff_cap: about 2 s
-    # in all, enough for a blip or a planned failover. A dead primary takes longer to replace
+    # redis-py retries a command this many times on connection errors, with exponential
+    # backoff and full jitter from backoff_base, capped at backoff_cap: about 2 s in all,
+    # enough for a blip or a planned failover. A dead primary takes longer to replace
     # (down-after-milliseconds or cluster-node-timeout, plus an election), so the loops that
     # must outlive it (writer, live tail, cancel listener) retry on their own. A cluster
     # pipeline needs at least one retry: only a retry makes it learn the new slot map.
@@ -71,7 +77,7 @@ class ClientOptions:
 
     def retry(self) -> Retry:
         backoff = ExponentialWithJitterBackoff(cap=self.backoff_cap, base=self.backoff_base)
-        return Retry(backoff, self.retries)
+        return Retry(backoff, self.retries, supported_errors=(RedisConnectionError,))
 
 
 def _auth(credentials: Credentials) -> dict[str, Any]:
@@ -133,8 +139,8 @@ class SingleClients:
             **_socket(self._options, socket_timeout, retry=retry),
         )
 
-    def dedicated(self, *, socket_timeout: float | None) -> Redis:
-        return _single_connection(self._pool(socket_timeout))
+    def dedicated(self, *, socket_timeout: float | None, retry: bool = True) -> Redis:
+        return _single_connection(self._pool(socket_timeout, retry=retry))
 
     def pubsub(self) -> PubSub:
         return Redis.from_pool(self._pool(None, retry=False)).pubsub()
@@ -160,6 +166,29 @@ class _PrimarySSLConnection(_PrimaryConnection, SSLConnection):
     pass
 
 
+SWITCH_MASTER = "+switch-master"
+# What the leading sentinel announces while it fails the primary over, from its attempt to the
+# reconfiguration of the replicas; each one (re)starts the write pause.
+FAILOVER_STEPS = (
+    "+try-failover",
+    "+elected-leader",
+    "+failover-state-select-slave",
+    "+selected-slave",
+    "+failover-state-send-slaveof-noone",
+    "+failover-state-wait-promotion",
+    "+promoted-slave",
+    "+failover-state-reconf-slaves",
+    "+slave-reconf-sent",
+    "+slave-reconf-inprog",
+    "+slave-reconf-done",
+    "+failover-end-for-timeout",
+)
+# A failover that failed: the old primary stays.
+FAILOVER_FAILED = "+failover-end-for-timeout"
+# How long writes stay paused after the last announcement of a failover that never ends.
+WRITE_PAUSE_SECONDS = 5.0
+
+
 class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
     """redis-py's Sentinel pool (finds and follows the primary) with the blocking pool's bound
     (waits for a free connection instead of raising at ``max_connections``)."""
@@ -174,6 +203,15 @@ class SentinelClients:
     and all of it is lost when it turns into a replica. ``watch_failovers()`` (run it as a
     background task) closes every connection of these clients as soon as a sentinel announces
     ``+switch-master``, so that the next command goes to the new primary.
+
+    That still leaves the writes acknowledged by the old primary between the promotion of its
+    replica and the announcement (about a second): the replica no longer gets them, so they are
+    lost. The sentinel that leads a failover announces each step of it, and the promotion comes
+    a few sentinel ticks (50-100 ms each) after ``+try-failover``: from the first of those
+    announcements until ``+switch-master`` the watch closes ``writes`` (``wait_writable``), so
+    the store holds its writes while the round trips already sent land on the old primary and
+    reach the replica before it is promoted. A failover that never announces its end reopens
+    them ``WRITE_PAUSE_SECONDS`` after its last announcement.
     """
 
     def __init__(self, target: SentinelTarget, options: ClientOptions) -> None:
@@ -181,6 +219,11 @@ class SentinelClients:
         self._options = options
         self._pools: weakref.WeakSet[SentinelConnectionPool] = weakref.WeakSet()
         self.switches = 0  # +switch-master announcements seen for our master
+        self.pauses = 0  # failovers of our master whose start paused the writes
+        self._writes = asyncio.Event()
+        self._writes.set()
+        self._paused_until = 0.0
+        self._reopen: asyncio.TimerHandle | None = None
         sentinel_kwargs: dict[str, Any] = {
             **_auth(target.sentinel_credentials),
             "socket_timeout": options.timeout,
@@ -219,8 +262,8 @@ class SentinelClients:
         self._pools.add(pool)
         return pool
 
-    def dedicated(self, *, socket_timeout: float | None) -> Redis:
-        return _single_connection(self._pool(socket_timeout))
+    def dedicated(self, *, socket_timeout: float | None, retry: bool = True) -> Redis:
+        return _single_connection(self._pool(socket_timeout, retry=retry))
 
     def pubsub(self) -> PubSub:
         return Redis.from_pool(self._pool(None, retry=False)).pubsub()
@@ -229,22 +272,35 @@ class SentinelClients:
         await self.general.aclose()
         await self.sentinel.aclose()
 
+    async def wait_writable(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until no failover of the primary is in progress."""
+        if self._writes.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._writes.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def watch_failovers(self) -> None:
-        """Listen to every sentinel's ``+switch-master`` until cancelled (see the class doc)."""
-        await asyncio.gather(*(self._watch(s) for s in self.sentinel.sentinels))
+        """Listen to every sentinel's failover announcements until cancelled (class doc)."""
+        try:
+            await asyncio.gather(*(self._watch(s) for s in self.sentinel.sentinels))
+        finally:
+            self._open_writes()
 
     async def _watch(self, sentinel: Redis) -> None:
         backoff = self._options.backoff_base
         while True:
             pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe("+switch-master")
+                await pubsub.subscribe(SWITCH_MASTER, *FAILOVER_STEPS)
                 backoff = self._options.backoff_base
                 while True:
                     # get_message with a timeout: listen() can swallow a cancellation.
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
-                        await self._switched(sentinel, message["data"])
+                        await self._announced(sentinel, message["channel"], message["data"])
             except (RedisError, OSError):
                 # A sentinel down: the others still announce; try this one again later.
                 await asyncio.sleep(backoff)
@@ -253,11 +309,43 @@ class SentinelClients:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _switched(self, sentinel: Redis, data: bytes | str) -> None:
-        # "<master> <old ip> <old port> <new ip> <new port>"
+    async def _announced(self, sentinel: Redis, channel: bytes | str, data: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
         text = data.decode() if isinstance(data, bytes) else data
-        if text.split(" ", 1)[0] != self.target.master:
-            return
+        if name == SWITCH_MASTER:
+            # "<master> <old ip> <old port> <new ip> <new port>"
+            if text.split(" ", 1)[0] == self.target.master:
+                await self._switched(sentinel)
+        elif _master_of(text) == self.target.master:
+            if name == FAILOVER_FAILED:
+                self._open_writes()
+            else:
+                self._pause_writes()
+
+    def _pause_writes(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._writes.is_set():
+            self.pauses += 1
+            self._writes.clear()
+        self._paused_until = loop.time() + WRITE_PAUSE_SECONDS
+        if self._reopen is None:
+            self._reopen = loop.call_later(WRITE_PAUSE_SECONDS, self._reopen_if_due)
+
+    def _reopen_if_due(self) -> None:
+        self._reopen = None
+        left = self._paused_until - asyncio.get_running_loop().time()
+        if left > 0:
+            self._reopen = asyncio.get_running_loop().call_later(left, self._reopen_if_due)
+        else:
+            self._open_writes()
+
+    def _open_writes(self) -> None:
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._reopen = None
+        self._writes.set()
+
+    async def _switched(self, sentinel: Redis) -> None:
         self.switches += 1
         # Ask the announcing sentinel first: another one may not have switched yet.
         sentinels = self.sentinel.sentinels
@@ -267,6 +355,23 @@ class SentinelClients:
                 await pool.disconnect(inuse_connections=False)
             for conn in list(pool._in_use_connections):
                 _abort(conn)
+        self._open_writes()
+
+
+def _master_of(details: str) -> str | None:
+    """The master an announcement is about: ``master <name> <ip> <port> ...`` or
+    ``<type> <name> <ip> <port> @ <master> <ip> <port>``."""
+    if " @ " in details:
+        return details.split(" @ ", 1)[1].split(" ", 1)[0]
+    parts = details.split(" ")
+    return parts[1] if len(parts) > 1 and parts[0] == "master" else None
+
+
+def abort(client: Redis) -> None:
+    """Drop the connection of a single-connection client, under a command another task may be
+    waiting on (which then fails at once with a ConnectionError)."""
+    if client.connection is not None:
+        _abort(client.connection)
 
 
 def _abort(conn: AbstractConnection) -> None:
@@ -319,9 +424,21 @@ class ClusterClients:
         return Redis.from_pool(self._node_pool(host, port, retry=False)).pubsub()
 
     def pubsub(self) -> PubSub:
-        """Classic (not sharded) pub/sub: a PUBLISH on any node reaches every node's
-        subscribers, so any node will do; ``RedisCluster.pubsub()`` picks one."""
-        return self.general.pubsub()
+        """Classic (not sharded) pub/sub, on a connection of its own: a PUBLISH on any node
+        reaches every node's subscribers, so any node will do. A random one of the known nodes,
+        so that a subscriber whose node died tries another (``RedisCluster.pubsub()`` would
+        borrow a connection of the node's bounded pool, and pick the same node again)."""
+        known = list(self.general.nodes_manager.nodes_cache.values())
+        if known:
+            node = random.choice(known)
+            return self.node_pubsub(node.host, int(node.port))
+        # Not connected yet, or the slot map was dropped after an error: a startup node.
+        endpoint = random.choice(self.target.startup_nodes)
+        return self.node_pubsub(endpoint.host, endpoint.port)
+
+    async def refresh(self) -> None:
+        """Ask the cluster for its slot map again (after a node was lost)."""
+        await self.general.nodes_manager.initialize()
 
     async def aclose(self) -> None:
         await self.general.aclose()

@@ -4,6 +4,20 @@ Callers name runs by ``RunId`` and get typed results (``RunMeta``, ``Entry``, ``
 ``FinalizeResult``); keys, scripts, reply shapes and redis-py's exceptions stay in here. Every
 command's outcome also feeds ``Health``, so the orphan sweep can tell "this producer stopped
 renewing its lease" from "nobody could reach Redis".
+
+One Redis, Sentinel or Cluster (``SSE_SIDECAR_REDIS_URL``, ``url.py``), through the clients of
+``connect.py``. What differs by topology stays in here:
+
+- Cluster: every command and pipeline holds one of ``ClusterClients.slots`` (redis-py raises
+  instead of waiting when a node's bounded pool is busy); a pipeline goes out as one pipelined
+  write per node; every per-run command names one run's keys (one hash slot); scripts are loaded
+  on every primary (``SCRIPT LOAD`` is not replicated: at start, after an outage, on NOSCRIPT);
+  the epoch probe keeps one key on every primary.
+- Sentinel: the failover watch runs as a supervised background task (``start``), and writes wait
+  while a failover is under way (``connect.SentinelClients``).
+- The live tail (``live_tail``): ``XREAD BLOCK`` on one Redis and Sentinel, sharded pub/sub
+  wake-ups on a cluster (``tail.py``, ``cluster_tail.py``); the scripts publish those wake-ups
+  only when the store uses them.
 """
 
 from __future__ import annotations
@@ -18,17 +32,33 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import EqualJitterBackoff
+from redis.crc import key_slot
 
+from sidecar.background import Background
 from sidecar.errors import InvalidRunId, StoreBusy, StoreError, StoreUnavailable
 from sidecar.keys import Keys, RunId, validate_run_id
+from sidecar.store.cluster_tail import ClusterRouting, ClusterTail, SingleRouting
+from sidecar.store.connect import (
+    ClientOptions,
+    ClusterClients,
+    SentinelClients,
+    connect,
+)
+from sidecar.store.entries import Entry, parse_entry, text
+from sidecar.store.errors import FOREIGN, POOL_EXHAUSTED, translate, unavailable
 from sidecar.store.meta import RunMeta
+from sidecar.store.tail import BlockingTail, LiveTail, TailListener
+from sidecar.store.url import parse_redis_url
+
+if TYPE_CHECKING:
+    from sidecar.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,38 +71,7 @@ def _script(name: str) -> tuple[str, str]:
 APPEND_SCRIPT, APPEND_SHA = _script("append.lua")
 FINALIZE_SCRIPT, FINALIZE_SHA = _script("finalize.lua")
 
-# Failures that say nothing about the data: Redis is away, busy loading, or failing over. The
-# caller retries later; the rest (a script error, OOM, a wrong type) are refusals.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-    redis_errors.ReadOnlyError,
-    redis_errors.TryAgainError,
-    redis_errors.ClusterDownError,
-    redis_errors.MasterDownError,
-    redis_errors.MaxConnectionsError,
-    OSError,
-    TimeoutError,
-)
-_FOREIGN: tuple[type[BaseException], ...] = (redis_errors.RedisError, OSError, TimeoutError)
-# What redis-py's blocking pool raises (a plain ConnectionError) when no connection came free.
-_POOL_EXHAUSTED = "No connection available."
-
-
-def translate(operation: str, exc: BaseException) -> StoreError:
-    """The project's error for a foreign one (the one place where redis-py's errors end)."""
-    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if isinstance(exc, redis_errors.MaxConnectionsError) or str(exc) == _POOL_EXHAUSTED:
-        return StoreBusy(operation, message)
-    if isinstance(exc, _UNAVAILABLE):
-        return StoreUnavailable(operation, message)
-    return StoreError(operation, message)
-
-
-def text(value: Any) -> str:
-    """A reply value as text (replies are bytes: the client does not decode)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+TailMode = Literal["xread", "pubsub"]
 
 
 def backoff(base: float, cap: float) -> Callable[[int], float]:
@@ -111,27 +110,6 @@ class Health:
 
     def up_for(self) -> float:
         return 0.0 if self._since is None else time.monotonic() - self._since
-
-
-@dataclass(slots=True, frozen=True)
-class Entry:
-    """One stored event: its bytes exactly as the live client received them."""
-
-    seq: int
-    data: bytes
-    timestamp_ms: int
-    complete: bool
-
-
-def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Entry:
-    raw_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    data = fields.get(b"data", b"")
-    return Entry(
-        seq=int(raw_id.split("-", 1)[0]),
-        data=data if isinstance(data, bytes) else str(data).encode(),
-        timestamp_ms=int(fields.get(b"timestamp", b"0")),
-        complete=fields.get(b"complete") == b"true",
-    )
 
 
 @dataclass(slots=True)
@@ -213,8 +191,25 @@ _FINALIZE_CODES = {
 }
 
 
+# Hash tags that land in a given slot (the epoch keys of a cluster), found once per slot.
+_TAGS: dict[int, str] = {}
+
+
+def tag_for_slot(slot: int) -> str:
+    """A short hash tag whose keys live in ``slot``."""
+    tag = _TAGS.get(slot)
+    n = 0
+    while tag is None:
+        candidate = str(n)
+        _TAGS.setdefault(key_slot(candidate.encode()), candidate)
+        tag = _TAGS.get(slot)
+        n += 1
+    return tag
+
+
 class RunStore:
-    """The sidecar's Redis: one bounded pool, plus dedicated connections made on demand."""
+    """The sidecar's Redis: a bounded general client, plus connections of their own for the
+    live tail and the cancel channel."""
 
     def __init__(
         self,
@@ -223,73 +218,161 @@ class RunStore:
         *,
         max_connections: int = 8,
         timeout: float = 2.0,
+        metrics: Metrics | None = None,
+        live_tail: TailMode | None = None,
     ) -> None:
         self.keys = keys
         self.health = Health()
-        self._url = url
+        self.metrics = metrics  # for the supervised tasks it starts (crashes are counted)
         self._timeout = timeout
         # Bounded: 1,000 replay readers catching up at once share these connections instead of
-        # opening 1,000; a caller waits up to ``timeout`` for one.
-        self._pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # A pooled connection that died while idle (Redis restarted, failed over, or the
-            # network reset it) fails its next command at once: send that command again on a
-            # fresh connection instead of answering 503 while Redis is reachable. Every command
-            # here is idempotent; a timeout is not retried (a hung Redis must not cost twice).
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
+        # opening 1,000; a caller waits up to ``timeout`` for one (per node on a cluster).
+        self._clients = connect(
+            parse_redis_url(url),
+            ClientOptions(
+                max_connections=max_connections, timeout=timeout, connect_timeout=timeout
+            ),
         )
-        self._redis = Redis(connection_pool=self._pool)
-        self._epoch: str | None = None
-        # Load the append script with the next round trip: at start, and after Redis was away
-        # (it may have restarted without its scripts), so that round trip does not fail.
-        self._load_append = True
+        self._redis: Redis | RedisCluster = self._clients.general
+        cluster = isinstance(self._clients, ClusterClients)
+        self.tail_mode: TailMode = live_tail or ("pubsub" if cluster else "xread")
+        if cluster and self.tail_mode == "xread":
+            raise ValueError("a cluster's live tail cannot block in one XREAD across slots")
+        self._wake = "1" if self.tail_mode == "pubsub" else "0"
+        self._watch: Background | None = None
+        if isinstance(self._clients, SentinelClients):
+            self._watch = Background("sse-sentinel-watch", self._clients.watch_failovers, metrics)
+        self._epochs: dict[str, str] = {}  # epoch key -> the token this process saw there
+        # Load the scripts before the next round trip: at start, and after Redis was away (it
+        # may have restarted, or failed over to a replica, without them).
+        self._load_scripts = True
+
+    @property
+    def topology(self) -> str:
+        """``single``, ``sentinel`` or ``cluster``."""
+        if isinstance(self._clients, ClusterClients):
+            return "cluster"
+        return "sentinel" if isinstance(self._clients, SentinelClients) else "single"
+
+    def start(self) -> None:
+        """Start what the store runs in the background (Sentinel's failover watch)."""
+        if self._watch is not None:
+            self._watch.start()
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        if self._watch is not None:
+            await self._watch.stop()
+        await self._clients.aclose()
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _fail(self, operation: str, exc: BaseException) -> StoreError:
+    def failed(self, operation: str, exc: BaseException) -> StoreError:
+        """The project's error for ``exc``; a Redis out of reach also marks the health down."""
         error = translate(operation, exc)
         if isinstance(error, StoreUnavailable) and not isinstance(error, StoreBusy):
             self.health.failed(error)
-            self._load_append = True
+            self._load_scripts = True
         return error
 
-    def dedicated(self, *, socket_timeout: float | None) -> Redis:
-        """A client of its own single connection, for a command that blocks (or a pub/sub)."""
-        return Redis.from_url(
-            self._url,
-            single_connection_client=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=self._timeout,
-        )
+    @asynccontextmanager
+    async def _command(
+        self, operation: str, *, write: bool = False
+    ) -> AsyncIterator[Redis | RedisCluster]:
+        """The general client for one command or pipeline: errors translated, health fed."""
+        if (
+            write
+            and isinstance(self._clients, SentinelClients)
+            and not await self._clients.wait_writable(self._timeout)
+        ):
+            error = StoreUnavailable(operation, "a failover of the primary is under way")
+            self.health.failed(error)
+            self._load_scripts = True
+            raise error
+        slots = self._clients.slots if isinstance(self._clients, ClusterClients) else None
+        try:
+            if slots is not None:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await slots.acquire()
+                except TimeoutError:
+                    raise StoreBusy(operation, POOL_EXHAUSTED) from None
+            try:
+                yield self._redis
+            finally:
+                if slots is not None:
+                    slots.release()
+        except FOREIGN as exc:
+            raise self.failed(operation, exc) from exc
+        self.health.ok()
+
+    def dedicated(self, *, socket_timeout: float | None, retry: bool = True) -> Redis:
+        """A client of its own single connection, for a command that blocks; ``retry=False``
+        for a caller that retries on its own (redis-py would reconnect under it)."""
+        if isinstance(self._clients, ClusterClients):
+            raise TypeError("no single dedicated connection on a cluster")
+        return self._clients.dedicated(socket_timeout=socket_timeout, retry=retry)
+
+    async def unblock(self, client_id: int) -> bool:
+        """``CLIENT UNBLOCK`` (the live tail's blocked read); whether it took effect."""
+        async with self._command("follow") as redis:
+            return bool(await redis.client_unblock(client_id))
+
+    async def _ensure_scripts(self) -> None:
+        """Load the scripts (on a cluster: on every primary), once after start or an outage."""
+        if not self._load_scripts:
+            return
+        async with self._command("script_load") as redis:
+            await redis.script_load(APPEND_SCRIPT)
+            await redis.script_load(FINALIZE_SCRIPT)
+        self._load_scripts = False
 
     # -- health ------------------------------------------------------------------------------
 
     async def probe(self) -> bool:
         """Check that Redis answers and still holds its data; True when it lost its data.
 
-        The epoch key holds a random token that every sidecar remembers. A Redis that restarted
+        An epoch key holds a random token that every sidecar remembers. A Redis that restarted
         empty (or was flushed, or failed over to an empty replica) no longer has the token the
         process saw, and each sidecar finds out within one probe, however quiet its runs are.
+        On a cluster there is one epoch key on every primary (a hash tag of a slot it serves),
+        so any primary that lost its data is noticed.
         """
-        try:
-            current = await self._redis.get(self.keys.epoch)
-            if current is None:
-                await self._redis.set(self.keys.epoch, secrets.token_hex(8), nx=True)
-                current = await self._redis.get(self.keys.epoch)
-        except _FOREIGN as exc:
-            raise self._fail("probe", exc) from exc
-        self.health.ok()
-        epoch = text(current)
-        lost = self._epoch is not None and epoch != self._epoch
-        self._epoch = epoch
+        async with self._command("probe") as redis:
+            if isinstance(redis, RedisCluster):
+                await redis.initialize()  # the slot map, for the epoch keys (once)
+            keys = self._epoch_keys()
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                current: list[Any] = await pipe.execute()
+            missing = [key for key, token in zip(keys, current, strict=True) if token is None]
+            if missing:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for key in missing:
+                        pipe.set(key, secrets.token_hex(8), nx=True)
+                        pipe.get(key)
+                    replies: list[Any] = await pipe.execute()
+                found = dict(zip(missing, replies[1::2], strict=True))
+                current = [found.get(key, token) for key, token in zip(keys, current, strict=True)]
+        lost = False
+        seen = {}
+        for key, token in zip(keys, current, strict=True):
+            before = self._epochs.get(key)
+            seen[key] = text(token)
+            lost = lost or (before is not None and before != seen[key])
+        self._epochs = seen
         return lost
+
+    def _epoch_keys(self) -> list[str]:
+        if not isinstance(self._redis, RedisCluster):
+            return [self.keys.epoch]
+        # The lowest slot each primary serves, as the client's slot map (refreshed by MOVED
+        # replies and failovers) says: a new or promoted primary gets its own key.
+        first: dict[str, int] = {}
+        for slot, nodes in self._redis.nodes_manager.slots_cache.items():
+            if nodes and (name := nodes[0].name) not in first:
+                first[name] = slot
+        return [f"{self.keys.epoch}:{{{tag_for_slot(slot)}}}" for slot in sorted(first.values())]
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -308,16 +391,23 @@ class RunStore:
 
         ``leases`` adds runs to the lease index with their deadline (ms); ``ended`` removes
         finished runs from it; ``aliases`` maps protocol ids to run ids (with the stream TTL).
-        Raises ``StoreUnavailable`` when the round trip failed as a whole (then nothing or some
-        ops ran: every op is idempotent, so retry them all).
+        Raises ``StoreUnavailable`` when the round trip failed, as a whole or for some ops (a
+        node lost mid-pipeline): then nothing or some ops ran, and every op is idempotent, so
+        retry them all.
         """
         lease_ms, ttl_ms, cap = str(lease_ttl_ms), str(stream_ttl_ms), str(maxlen)
         keys = self.keys
-        load = self._load_append and bool(ops)
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+        # Scripts go to every primary on a cluster (not in a pipeline: one command per node);
+        # on one Redis they lead this round trip.
+        load = self._load_scripts and bool(ops)
+        if load and isinstance(self._redis, RedisCluster):
+            await self._ensure_scripts()
+            load = False
+        async with self._command("flush", write=True) as redis:
+            async with redis.pipeline(transaction=False) as pipe:
                 if load:
                     pipe.script_load(APPEND_SCRIPT)
+                    pipe.script_load(FINALIZE_SCRIPT)
                 for op in ops:
                     args: list[Any] = [
                         "EVALSHA",
@@ -332,6 +422,7 @@ class RunStore:
                         cap,
                         op.known_last,
                         "1" if op.allow_gap else "0",
+                        self._wake,
                         len(op.meta),
                     ]
                     for key, value in op.meta.items():
@@ -351,11 +442,14 @@ class RunStore:
                 for protocol_id, run_id in (aliases or {}).items():
                     pipe.set(keys.alias(protocol_id), run_id, px=stream_ttl_ms)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
-        except _FOREIGN as exc:
-            raise self._fail("flush", exc) from exc
-        self.health.ok()
-        if load:
-            self._load_append = isinstance(replies.pop(0), Exception)
+            if load:
+                self._load_scripts = any(isinstance(r, Exception) for r in replies[:2])
+                del replies[:2]
+            for reply in replies:
+                # A node lost mid-pipeline (its replies lost), a failover or a migration in
+                # progress: not a refusal of that op. The whole round trip is retried.
+                if isinstance(reply, Exception) and unavailable(reply):
+                    raise reply
         results: list[AppendResult] = []
         noscript = False
         for reply in replies[: len(ops)]:
@@ -384,15 +478,10 @@ class RunStore:
             if isinstance(reply, Exception):
                 log.warning("lease index or alias update failed: %s", reply)
         if noscript:
-            # Redis restarted (or SCRIPT FLUSH): load the script; the caller sends those again.
-            await self._load(APPEND_SCRIPT)
+            # A restarted Redis, a promoted replica, SCRIPT FLUSH: the caller sends those again.
+            self._load_scripts = True
+            await self._ensure_scripts()
         return results
-
-    async def _load(self, script: str) -> None:
-        try:
-            await self._redis.script_load(script)
-        except _FOREIGN as exc:
-            raise self._fail("script_load", exc) from exc
 
     # -- ending a run its producer cannot end ----------------------------------------------
 
@@ -410,20 +499,19 @@ class RunStore:
         """Append ``events`` and ``meta`` atomically, unless the run ended or moved on."""
         args: list[Any] = [finalizer, expected_last, "1" if require_dead else "0"]
         args.append(ttl_seconds * 1000)
+        args.append(self._wake)
         args.append(len(meta))
         for key, value in meta.items():
             args += [key, value]
         for ev in events:
             args += [ev.seq, ev.data, ev.timestamp_ms, "true" if ev.complete else "false"]
         keys = (self.keys.stream(run_id), self.keys.meta(run_id))
-        try:
+        async with self._command("finalize", write=True) as redis:
             try:
-                reply: Any = await self._redis.evalsha(FINALIZE_SHA, 2, *keys, *args)
+                reply: Any = await redis.evalsha(FINALIZE_SHA, 2, *keys, *args)
             except redis_errors.NoScriptError:
-                reply = await self._redis.eval(FINALIZE_SCRIPT, 2, *keys, *args)
-        except _FOREIGN as exc:
-            raise self._fail("finalize", exc) from exc
-        self.health.ok()
+                self._load_scripts = True
+                reply = await redis.eval(FINALIZE_SCRIPT, 2, *keys, *args)
         status = _FINALIZE_CODES[int(reply[0])]
         last = int(reply[1]) if status in (FinalizeStatus.ENDED, FinalizeStatus.MOVED_ON) else 0
         return FinalizeResult(status, last)
@@ -431,49 +519,42 @@ class RunStore:
     # -- reads -------------------------------------------------------------------------------
 
     async def meta(self, run_id: RunId) -> RunMeta | None:
-        try:
-            raw = await self._redis.hgetall(self.keys.meta(run_id))
-        except _FOREIGN as exc:
-            raise self._fail("meta", exc) from exc
-        self.health.ok()
+        async with self._command("meta") as redis:
+            raw = await redis.hgetall(self.keys.meta(run_id))
         return RunMeta.from_hash(run_id, raw) if raw else None
 
     async def first_seq(self, run_id: RunId) -> int | None:
         """The seq of the oldest event still stored (older ones were trimmed or lost)."""
-        try:
-            head: Any = await self._redis.xrange(self.keys.stream(run_id), "-", "+", count=1)
-        except _FOREIGN as exc:
-            raise self._fail("read", exc) from exc
-        self.health.ok()
+        async with self._command("read") as redis:
+            head: Any = await redis.xrange(self.keys.stream(run_id), "-", "+", count=1)
         return parse_entry(*head[0]).seq if head else None
 
     async def entries_after(self, run_id: RunId, cursor: int, count: int) -> list[Entry]:
         """Up to ``count`` stored events with seq > ``cursor``, in order."""
-        try:
-            page: Any = await self._redis.xrange(
+        async with self._command("read") as redis:
+            page: Any = await redis.xrange(
                 self.keys.stream(run_id), f"({cursor}-0", "+", count=count
             )
-        except _FOREIGN as exc:
-            raise self._fail("read", exc) from exc
-        self.health.ok()
         return [parse_entry(entry_id, fields) for entry_id, fields in page]
+
+    async def read_after(self, reads: Sequence[tuple[RunId, int]], count: int) -> list[list[Entry]]:
+        """``entries_after`` for many runs in one pipelined round trip (one per node)."""
+        async with self._command("follow") as redis, redis.pipeline(transaction=False) as pipe:
+            for run_id, cursor in reads:
+                pipe.xrange(self.keys.stream(run_id), f"({cursor}-0", "+", count=count)
+            pages: list[Any] = await pipe.execute()
+        return [[parse_entry(i, f) for i, f in page] for page in pages]
 
     async def length(self, run_id: RunId) -> int:
         """How many events of the run are stored."""
-        try:
-            n = await self._redis.xlen(self.keys.stream(run_id))
-        except _FOREIGN as exc:
-            raise self._fail("read", exc) from exc
-        self.health.ok()
+        async with self._command("read") as redis:
+            n = await redis.xlen(self.keys.stream(run_id))
         return int(n)
 
     async def resolve_alias(self, protocol_id: RunId) -> RunId | None:
         """The run whose protocol named it ``protocol_id``, if one did (and is retained)."""
-        try:
-            raw = await self._redis.get(self.keys.alias(protocol_id))
-        except _FOREIGN as exc:
-            raise self._fail("alias", exc) from exc
-        self.health.ok()
+        async with self._command("alias") as redis:
+            raw = await redis.get(self.keys.alias(protocol_id))
         if raw is None:
             return None
         try:
@@ -485,69 +566,72 @@ class RunStore:
         """Which of these runs Redis still holds (one pipelined round trip)."""
         if not run_ids:
             return set()
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for run_id in run_ids:
-                    pipe.exists(self.keys.meta(run_id))
-                replies: list[Any] = await pipe.execute()
-        except _FOREIGN as exc:
-            raise self._fail("read", exc) from exc
-        self.health.ok()
+        async with self._command("read") as redis, redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.exists(self.keys.meta(run_id))
+            replies: list[Any] = await pipe.execute()
         return {run_id for run_id, n in zip(run_ids, replies, strict=True) if int(n)}
 
     # -- the orphan sweep --------------------------------------------------------------------
 
     async def expired_leases(self, before_ms: int, limit: int) -> list[RunId]:
         """Runs of the lease index whose deadline is before ``before_ms`` (oldest first)."""
-        try:
-            found: Any = await self._redis.zrangebyscore(
+        async with self._command("sweep") as redis:
+            found: Any = await redis.zrangebyscore(
                 self.keys.lease_index, "-inf", before_ms, start=0, num=limit
             )
-        except _FOREIGN as exc:
-            raise self._fail("sweep", exc) from exc
-        self.health.ok()
         return [RunId(text(member)) for member in found]
 
     async def forget_leases(self, run_ids: Sequence[RunId]) -> None:
         if not run_ids:
             return
-        try:
-            await self._redis.zrem(self.keys.lease_index, *run_ids)
-        except _FOREIGN as exc:
-            raise self._fail("sweep", exc) from exc
-        self.health.ok()
+        async with self._command("sweep", write=True) as redis:
+            await redis.zrem(self.keys.lease_index, *run_ids)
 
     # -- cancel across replicas --------------------------------------------------------------
 
     async def publish_cancel(self, run_id: RunId) -> int:
-        """Ask every replica to cancel ``run_id``; how many processes heard it."""
-        try:
-            receivers = await self._redis.publish(self.keys.cancel_channel, run_id)
-        except _FOREIGN as exc:
-            raise self._fail("cancel", exc) from exc
-        self.health.ok()
+        """Ask every replica to cancel ``run_id``; how many processes heard it (on a cluster:
+        how many on the node that took the PUBLISH, which relays it to every other node)."""
+        async with self._command("cancel") as redis:
+            receivers = await redis.publish(self.keys.cancel_channel, run_id)
         return int(receivers)
 
     @asynccontextmanager
     async def cancel_requests(self) -> AsyncIterator[CancelRequests]:
         """A subscription to cancel requests; errors inside come out as ``StoreError``."""
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._clients.pubsub()
         try:
             try:
                 await pubsub.subscribe(self.keys.cancel_channel)
-            except _FOREIGN as exc:
-                raise self._fail("cancel", exc) from exc
+            except FOREIGN as exc:
+                await self._after_lost_node()
+                raise self.failed("cancel", exc) from exc
             yield CancelRequests(self, pubsub)
         finally:
             try:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-            except _FOREIGN as exc:
+            except FOREIGN as exc:
                 log.debug("closing the cancel subscription: %s", exc)
+
+    async def _after_lost_node(self) -> None:
+        """On a cluster, learn the slot map again: the node just tried may be gone."""
+        if isinstance(self._clients, ClusterClients):
+            try:
+                await self._clients.refresh()
+            except FOREIGN as exc:
+                log.debug("cannot refresh the cluster's slot map: %s", exc)
 
     # -- the live tail -----------------------------------------------------------------------
 
-    def tail(self) -> Tail:
-        return Tail(self)
+    def live_tail(self, listener: TailListener) -> LiveTail:
+        """The live tail of this topology (``tail.py``), reporting to ``listener``."""
+        if self.tail_mode == "xread":
+            return BlockingTail(self, listener)
+        clients = self._clients
+        if isinstance(clients, ClusterClients):
+            return ClusterTail(self, ClusterRouting(clients.general, clients.node_pubsub), listener)
+        return ClusterTail(self, SingleRouting(clients.pubsub), listener)
 
 
 class CancelRequests:
@@ -563,70 +647,7 @@ class CancelRequests:
             message = await self._pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=timeout
             )
-        except _FOREIGN as exc:
-            raise self._store._fail("cancel", exc) from exc
+        except FOREIGN as exc:
+            await self._store._after_lost_node()
+            raise self._store.failed("cancel", exc) from exc
         return None if message is None else text(message.get("data", b""))
-
-
-class Tail:
-    """The shared live tail's Redis side: one dedicated connection blocked in ``XREAD``.
-
-    ``read`` blocks on every given run at once, each from its own cursor; ``interrupt`` ends a
-    blocked read early (``CLIENT UNBLOCK`` from the pool) when the set of runs must change.
-    """
-
-    # A blocked read returns at least this often, so a silently dead connection is noticed.
-    BLOCK_MS = 5000
-
-    def __init__(self, store: RunStore) -> None:
-        self._store = store
-        self._client = store.dedicated(socket_timeout=self.BLOCK_MS / 1000 + 5)
-        self._client_id: int | None = None
-        self._blocking = False
-        self._unblocking: asyncio.Task[None] | None = None
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def read(self, positions: Mapping[RunId, int], count: int) -> dict[RunId, list[Entry]]:
-        keys = self._store.keys
-        try:
-            if self._client_id is None:
-                self._client_id = int(await self._client.client_id())
-            self._blocking = True
-            try:
-                reply: Any = await self._client.xread(
-                    {keys.stream(run_id): f"{seq}-0" for run_id, seq in positions.items()},
-                    count=count,
-                    block=self.BLOCK_MS,
-                )
-            finally:
-                self._blocking = False
-        except _FOREIGN as exc:
-            self._client_id = None
-            raise self._store._fail("follow", exc) from exc
-        self._store.health.ok()
-        out: dict[RunId, list[Entry]] = {}
-        for raw_key, entries in reply or ():
-            run_id = keys.run_id_of(text(raw_key))
-            out[run_id] = [parse_entry(entry_id, fields) for entry_id, fields in entries]
-        return out
-
-    def interrupt(self) -> None:
-        if self._blocking and self._unblocking is None and self._client_id is not None:
-            # Kept referenced until done: the loop holds tasks only weakly.
-            self._unblocking = asyncio.get_running_loop().create_task(
-                self._unblock(self._client_id)
-            )
-
-    async def _unblock(self, client_id: int) -> None:
-        redis = self._store._redis
-        try:
-            # The XREAD may be on its way but not yet blocked in Redis, where UNBLOCK finds
-            # nothing to do: try again until it took effect or the read returned by itself.
-            while self._blocking and not await redis.client_unblock(client_id):  # noqa: ASYNC110
-                await asyncio.sleep(0.001)
-        except _FOREIGN as exc:
-            log.warning("cannot interrupt the blocked live-tail read: %s", exc)
-        finally:
-            self._unblocking = None

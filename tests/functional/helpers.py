@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio.cluster import RedisCluster
 
 from sidecar.keys import Keys, RunId
 from sidecar.sse import Event, SSEDecoder
@@ -69,7 +70,7 @@ async def stream(
 
 
 async def stored(
-    client: redis.asyncio.Redis, run_id: RunId, prefix: str = "sse:run:"
+    client: redis.asyncio.Redis | RedisCluster, run_id: RunId, prefix: str = "sse:run:"
 ) -> list[dict[str, str]]:
     """The run's stream entries as dicts (id, seq_id, data, timestamp, complete)."""
     entries: Any = await client.xrange(Keys(prefix).stream(run_id))
@@ -86,7 +87,7 @@ def _s(value: Any) -> str:
 
 
 async def meta(
-    client: redis.asyncio.Redis, run_id: RunId, prefix: str = "sse:run:"
+    client: redis.asyncio.Redis | RedisCluster, run_id: RunId, prefix: str = "sse:run:"
 ) -> dict[str, str]:
     raw: dict[Any, Any] = await client.hgetall(Keys(prefix).meta(run_id))
     return {_s(k): _s(v) for k, v in raw.items()}

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import pytest
 import redis.asyncio
 
 from sidecar.keys import Keys, RunId
-from tests.conftest import Gate, RedisServer, Upstream, free_port
+from tests.conftest import Gate, RedisServer, Upstream
 from tests.functional.helpers import (
     DONE,
     ClientView,
@@ -34,24 +32,9 @@ from tests.functional.helpers import (
     stored,
     token,
 )
+from tests.functional.replicas import Replica, Replicas
 
 PATH = "/v1/agents/agent-1/messages/stream"
-
-
-@dataclass
-class Replica:
-    name: str
-    proc: asyncio.subprocess.Process
-    url: str
-    admin_url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def run_url(self, run_id: str, tail: str = "") -> str:
-        return f"{self.url}/sidecar/v1/runs/{run_id}{tail}"
-
 
 ReplicaFactory = Callable[..., Awaitable[list[Replica]]]
 
@@ -66,59 +49,17 @@ async def replicas(
 ) -> AsyncIterator[ReplicaFactory]:
     """``await replicas(a={flags}, b={flags})``: start them concurrently, wait until each is
     ready and subscribed to the cancel channel."""
-    started: list[Replica] = []
+    started = Replicas(http, upstream.url, tmp_path)
 
-    async def start_one(name: str, flags: dict[str, Any]) -> Replica:
-        port, admin = free_port(), free_port()
-        log = tmp_path / f"sidecar-{name}.log"
-        args = {
-            "upstream-url": upstream.url,
-            "redis-url": redis_server.url,
-            "host": "127.0.0.1",
-            "port": port,
-            "admin-port": admin,
-            "drain-seconds": 1,
-            "log-format": "text",
-        }
-        args.update({k.replace("_", "-"): v for k, v in flags.items()})
-        argv = [part for k, v in args.items() for part in (f"--{k}", str(v))]
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sidecar", "serve", *argv,
-                stdout=out, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-        replica = Replica(name, proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
-        started.append(replica)
-
-        async def ready() -> bool:
-            if proc.returncode is not None:
-                raise AssertionError(f"sidecar {name} exited early:\n{replica.output()}")
-            try:
-                async with http.get(replica.admin_url + "/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await eventually(ready, timeout=20, interval=0.02, what=f"sidecar {name}'s /readyz")
-        return replica
+    async def subscribers() -> int:
+        counts: Any = await redis_client.pubsub_numsub(Keys().cancel_channel)
+        return int(counts[0][1])
 
     async def start(**configs: dict[str, Any]) -> list[Replica]:
-        out = await asyncio.gather(*(start_one(n, f) for n, f in configs.items()))
-        channel = Keys().cancel_channel
-
-        async def subscribed() -> bool:
-            counts: Any = await redis_client.pubsub_numsub(channel)
-            return int(counts[0][1]) == len(started)
-
-        # No event tells when a child process's pub/sub subscription is in place.
-        await eventually(subscribed, what="every replica to subscribe to the cancel channel")
-        return list(out)
+        return await started.start(redis_server.url, subscribers, **configs)
 
     yield start
-    for replica in started:
-        if replica.proc.returncode is None:
-            replica.proc.kill()
-            await replica.proc.wait()
+    await started.close()
 
 
 def check_terminal_once(events: list[Any]) -> None:
@@ -141,6 +82,13 @@ async def test_a_run_produced_on_a_is_followed_live_on_b(
         live = LiveReader(resp)
         await live.until(3)
         run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
+
+        async def claimed() -> bool:
+            # The live client gets events before A's claim is in Redis.
+            async with http.get(b.run_url(run_id)) as status:
+                return status.status == 200
+
+        await eventually(claimed, what="A's claim of the run in Redis")
         async with http.get(b.run_url(run_id)) as status:
             assert (await status.json())["status"] == "running"
         async with (

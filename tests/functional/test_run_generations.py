@@ -236,7 +236,7 @@ async def test_the_append_scripts_claim_modes(redis_client: redis.asyncio.Redis)
     run_id = RunId("claims")
 
     def claim(producer: str, mode: str, generation: str) -> list[object]:
-        head = [producer, mode, "30000", "60000", "100000", 0, "0", 2, "status", "running"]
+        head = [producer, mode, "30000", "60000", "100000", 0, "0", "0", 2, "status", "running"]
         return [*head, "generation", generation, *quad(1)]
 
     # {0, added, trimmed, last_seq, rebuilt, replaced, rolled_back}

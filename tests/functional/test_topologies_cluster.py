@@ -11,7 +11,7 @@ sidecar/store/connect.py: what the store can build on.
   or the whole pipeline raises); resent, the append script deduplicates them by seq.
 - A cluster client with no retries never learns the new topology.
 - ``max_connections`` is a hard per-node cap (MaxConnectionsError), hence the slot semaphore.
-- The writer of today, unchanged, writes runs through a primary's SIGKILL on a cluster.
+- The writer, on the store, writes runs through a primary's SIGKILL on a cluster.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import MaxConnectionsError
 
 from sidecar.keys import Keys, RunId
+from sidecar.store import RunStore
 from sidecar.store.connect import ClientOptions, ClusterClients, connect
 from sidecar.store.url import parse_redis_url
 from sidecar.telemetry import Metrics
@@ -216,8 +217,8 @@ async def test_cancel_pubsub_reaches_a_subscriber_on_any_node_and_survives_its_s
             pubsub = cluster_clients.pubsub()
             try:
                 await pubsub.subscribe(channel)
-                node = pubsub.get_pubsub_node()  # type: ignore[attr-defined]
-                nodes.append(int(node.port))
+                assert pubsub.connection is not None
+                nodes.append(int(pubsub.connection.port))
                 subscribed.set()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
@@ -226,8 +227,8 @@ async def test_cancel_pubsub_reaches_a_subscriber_on_any_node_and_survives_its_s
             except (redis.RedisError, OSError):
                 subscribed.clear()
                 await asyncio.sleep(0.1)
-                # The client learns the new topology on its next failed-and-retried command.
-                await cluster_clients.general.nodes_manager.initialize()
+                # Learn the new topology: the next subscriber picks among live nodes.
+                await cluster_clients.refresh()
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -264,16 +265,16 @@ async def test_cancel_pubsub_reaches_a_subscriber_on_any_node_and_survives_its_s
         await asyncio.gather(listener, return_exceptions=True)
 
 
-async def test_todays_writer_writes_runs_through_a_primary_sigkill_on_a_cluster(
+async def test_the_writer_on_the_store_writes_runs_through_a_primary_sigkill_on_a_cluster(
     redis_cluster: RedisClusterTopology, cluster_clients: ClusterClients
 ) -> None:
     keys = Keys()
-    writer = Writer(cluster_clients.general, keys, Metrics(), command_timeout=5.0)  # type: ignore[arg-type]
+    store = RunStore(redis_cluster.url, keys, timeout=5.0)
+    writer = Writer(store, Metrics())
     writer.start()
     runs = names(60, "w")
     streams = [
-        await writer.open(RunId(r), "producer-1", {"status": "running", "created_ms": "1"})
-        for r in runs
+        writer.open(RunId(r), "producer-1", {"status": "running", "created_ms": "1"}) for r in runs
     ]
     victim = redis_cluster.primary_for_key(stream_key(runs[0]))
 
@@ -283,13 +284,39 @@ async def test_todays_writer_writes_runs_through_a_primary_sigkill_on_a_cluster(
                 writer.append(stream, seq, f"{run}:{seq}".encode())
             await asyncio.sleep(0.01)
 
-    await produce(1, 20)
-    killing = asyncio.create_task(asyncio.to_thread(redis_cluster.kill_primary, victim))
-    await produce(21, 60)
-    await killing
-    await produce(61, 80)
-    assert await writer.close(30.0)
+    try:
+        await produce(1, 20)
+        killing = asyncio.create_task(asyncio.to_thread(redis_cluster.kill_primary, victim))
+        await produce(21, 60)
+        await killing
+        await produce(61, 80)
+        assert await writer.close(30.0)
+    finally:
+        await store.aclose()
     for run in runs:
         assert await stored_seqs(cluster_clients.general, run) == list(range(1, 81)), run
         meta: Any = await cluster_clients.general.hgetall(keys.meta(RunId(run)))
         assert meta[b"last_seq"] == b"80"
+
+
+async def test_the_epoch_probe_covers_every_primary_and_notices_one_that_lost_its_data(
+    redis_cluster: RedisClusterTopology,
+) -> None:
+    store = RunStore(redis_cluster.url, Keys())
+    try:
+        assert not await store.probe()
+        primaries = redis_cluster.primaries()
+        for primary in primaries:
+            with primary.client() as c:
+                assert len(c.keys("sse:run:epoch*")) == 1, primary.name
+        # A planned failover: the promoted replica has the key, so nothing was lost.
+        await asyncio.to_thread(redis_cluster.failover, redis_cluster.replica_of(primaries[0]))
+        assert not await store.probe()
+        assert not await store.probe()
+        # One primary loses its data (restarted empty, flushed): noticed, once.
+        with primaries[1].client() as c:
+            c.flushall()
+        assert await store.probe()
+        assert not await store.probe()
+    finally:
+        await store.aclose()

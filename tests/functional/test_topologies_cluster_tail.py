@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
-from sidecar.store.cluster_tail import ClusterRouting, ClusterTail, SingleRouting
-from sidecar.store.connect import ClientOptions, ClusterClients, SingleClients, connect
-from sidecar.store.runstore import Entry
+from sidecar.errors import StoreError
+from sidecar.keys import Keys, RunId
+from sidecar.store import Entry, RunStore
+from sidecar.store.cluster_tail import ClusterTail
+from sidecar.store.connect import ClientOptions, ClusterClients, connect
 from sidecar.store.url import parse_redis_url
 from tests.conftest import RedisServer
 from tests.functional.helpers import eventually
@@ -24,34 +26,48 @@ from tests.topologies import RedisClusterTopology, command
 
 @dataclass
 class Collected:
-    """What a tail delivered, per stream key, in delivery order."""
+    """What a tail delivered, per run, in delivery order (the tail's ``TailListener``)."""
 
     seqs: dict[str, list[int]] = field(default_factory=dict)
     data: dict[str, list[bytes]] = field(default_factory=dict)
+    failures: int = 0
+    recoveries: int = 0
 
-    def __call__(self, key: str, entries: list[Entry]) -> None:
-        self.seqs.setdefault(key, []).extend(e.seq for e in entries)
-        self.data.setdefault(key, []).extend(e.data for e in entries)
+    def deliver(self, run_id: RunId, after: int, entries: list[Entry]) -> None:
+        seqs = self.seqs.setdefault(run_id, [])
+        assert entries[0].seq == after + 1, (run_id, after, entries[0].seq)
+        seqs.extend(e.seq for e in entries)
+        self.data.setdefault(run_id, []).extend(e.data for e in entries)
+
+    def failed(self, error: StoreError) -> None:
+        self.failures += 1
+
+    def recovered(self) -> None:
+        self.recoveries += 1
 
 
 @pytest.fixture
 async def cluster_clients(redis_cluster: RedisClusterTopology) -> AsyncIterator[ClusterClients]:
     clients = connect(parse_redis_url(redis_cluster.url), ClientOptions())
     assert isinstance(clients, ClusterClients)
-    await clients.general.script_load(Producer(clients.general).script)
+    await clients.general.script_load(Producer.script)
     yield clients
     await clients.aclose()
 
 
 @pytest.fixture
 async def cluster_tail(
-    cluster_clients: ClusterClients,
+    redis_cluster: RedisClusterTopology,
 ) -> AsyncIterator[tuple[ClusterTail, Collected]]:
+    """The store's live tail on the cluster (its sharded pub/sub tail)."""
     got = Collected()
-    tail = ClusterTail(ClusterRouting(cluster_clients.general, cluster_clients.node_pubsub), got)
+    store = RunStore(redis_cluster.url, Keys())
+    tail = store.live_tail(got)
+    assert isinstance(tail, ClusterTail)
     tail.start()
     yield tail, got
     await tail.close()
+    await store.aclose()
 
 
 def runs(n: int, prefix: str = "run") -> list[str]:
@@ -67,15 +83,15 @@ async def delivered_everything(
     async def done() -> bool:
         for run in names:
             stored = await stored_seqs(client, run)  # type: ignore[arg-type]
-            if got.seqs.get(stream_key(run), []) != [s for s in stored if s > cursors[run]]:
+            if got.seqs.get(run, []) != [s for s in stored if s > cursors[run]]:
                 return False
         return True
 
     await eventually(done, timeout=20, what="every stored entry delivered once, in order")
     for run in names:
-        seqs = got.seqs[stream_key(run)]
+        seqs = got.seqs[run]
         assert seqs == list(range(cursors[run] + 1, cursors[run] + 1 + len(seqs)))
-        assert got.data[stream_key(run)] == [f"{run}:{s}".encode() for s in seqs]
+        assert got.data[run] == [f"{run}:{s}".encode() for s in seqs]
 
 
 def subscribed_clients(node_port: int) -> list[dict[str, str]]:
@@ -99,7 +115,7 @@ async def test_every_entry_is_delivered_once_in_order_across_slots_and_nodes(
     # Followers join at different points: from the start, mid-history, at the head.
     cursors = {run: i % 4 for i, run in enumerate(names)}
     for run in names:
-        tail.follow(stream_key(run), cursors[run])
+        tail.follow(RunId(run), cursors[run])
     for _ in range(5):
         await producer.append(names, 2)
     await delivered_everything(got, cluster_clients.general, names, cursors)
@@ -125,7 +141,7 @@ async def test_following_while_writes_race_misses_and_repeats_nothing(
     writing = asyncio.create_task(producer.append(names, 40))
     # Subscribe while the producer appends: subscribe first, then read from the cursor.
     for run in names:
-        tail.follow(stream_key(run), 0)
+        tail.follow(RunId(run), 0)
         await asyncio.sleep(0)
     await writing
     await delivered_everything(got, cluster_clients.general, names, dict.fromkeys(names, 0))
@@ -140,14 +156,14 @@ async def test_unfollowed_streams_get_nothing_more_and_release_their_subscriptio
     tail, got = cluster_tail
     producer = Producer(cluster_clients.general)
     await producer.append(["kept", "dropped"], 2)
-    tail.follow(stream_key("kept"), 0)
-    tail.follow(stream_key("dropped"), 0)
+    tail.follow(RunId("kept"), 0)
+    tail.follow(RunId("dropped"), 0)
     both = {"kept": 0, "dropped": 0}
     await delivered_everything(got, cluster_clients.general, ["kept", "dropped"], both)
-    tail.unfollow(stream_key("dropped"))
+    tail.unfollow(RunId("dropped"))
     await producer.append(["kept", "dropped"], 3)
     await delivered_everything(got, cluster_clients.general, ["kept"], {"kept": 0})
-    assert got.seqs[stream_key("dropped")] == [1, 2]
+    assert got.seqs["dropped"] == [1, 2]
 
     async def released() -> bool:
         port = redis_cluster.primary_for_key(stream_key("dropped")).port
@@ -170,7 +186,7 @@ async def test_a_failover_loses_and_repeats_nothing(
     producer = Producer(cluster_clients.general)
     await producer.append(names, 2)
     for run in names:
-        tail.follow(stream_key(run), 0)
+        tail.follow(RunId(run), 0)
     await delivered_everything(got, cluster_clients.general, names, dict.fromkeys(names, 0))
     victim = redis_cluster.primary_for_key(stream_key(names[0]))
     moved = [r for r in names if redis_cluster.primary_for_key(stream_key(r)) is victim]
@@ -214,7 +230,7 @@ async def test_cost_for_1000_followed_runs_on_3_primaries(
     producer = Producer(cluster_clients.general)
     await producer.append(names, 1)
     for run in names:
-        tail.follow(stream_key(run), 1)
+        tail.follow(RunId(run), 1)
     rounds = 20
     for _ in range(rounds):
         await producer.append(names, 1)
@@ -236,24 +252,26 @@ async def test_cost_for_1000_followed_runs_on_3_primaries(
 
 
 async def test_the_same_tail_serves_a_single_redis(redis_server: RedisServer) -> None:
+    store = RunStore(redis_server.url, Keys(), live_tail="pubsub")
     clients = connect(parse_redis_url(redis_server.url), ClientOptions())
-    assert isinstance(clients, SingleClients)
     await clients.general.flushall()
     got = Collected()
-    tail = ClusterTail(SingleRouting(clients.general, clients.pubsub), got)
+    tail = store.live_tail(got)
+    assert isinstance(tail, ClusterTail)
     tail.start()
     try:
         names = runs(50, "single")
         producer = Producer(clients.general)
         await producer.append(names, 2)
         for run in names:
-            tail.follow(stream_key(run), 1)
+            tail.follow(RunId(run), 1)
         for _ in range(3):
             await producer.append(names, 1)
         await delivered_everything(got, clients.general, names, dict.fromkeys(names, 1))
         assert tail.nodes == ["primary"]
     finally:
         await tail.close()
+        await store.aclose()
         await clients.aclose()
 
 
@@ -270,7 +288,7 @@ async def test_a_slot_migration_is_followed_by_writes_and_the_tail(
     run, key = "migrating", stream_key("migrating")
     producer = Producer(cluster_clients.general)
     await producer.append([run], 2)
-    tail.follow(key, 0)
+    tail.follow(RunId(run), 0)
     await delivered_everything(got, cluster_clients.general, [run], {run: 0})
     general = cluster_clients.general
     slot = general.keyslot(key)
@@ -289,7 +307,7 @@ async def test_a_slot_migration_is_followed_by_writes_and_the_tail(
     await asyncio.to_thread(redis_cluster.finish_migration, slot, target)
     await producer.append([run], 2)
     await delivered_everything(got, cluster_clients.general, [run], {run: 0})
-    assert got.seqs[key] == list(range(1, 8))
+    assert got.seqs[run] == list(range(1, 8))
     assert tail.stats.reroutes >= 1
 
     async def on_target() -> bool:

@@ -6,7 +6,9 @@ sidecar/store/connect.py: what the store can build on.
   ``+switch-master`` watch moves every connection (pooled, dedicated, pub/sub) to the new primary
   as soon as a sentinel announces it; without it, writes keep going to the old primary.
 - Writes acknowledged between the promotion and the announcement are still lost, unless the
-  writer counts a write as done only once ``WAIT 1`` saw it on a replica.
+  writer holds its writes from the failover's first announcement (``+try-failover``, a few
+  sentinel ticks before the promotion) until ``+switch-master`` (``wait_writable``, what the
+  store does), or counts a write as done only once ``WAIT 1`` saw it on a replica.
 - After a SIGKILL of the primary, commands wait for the new one (redis-py's retries) and the
   few that outlast the retries fail with ConnectionError (MasterNotFoundError among them).
 """
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from sidecar.store.connect import ClientOptions, SentinelClients, connect
+from sidecar.store.connect import WRITE_PAUSE_SECONDS, ClientOptions, SentinelClients, connect
 from sidecar.store.url import parse_redis_url
 from tests.functional.helpers import eventually
 from tests.functional.topology_helpers import Traffic
@@ -142,6 +144,46 @@ async def test_sentinel_failover_is_followed_by_every_connection_once_announced(
             f"pause {traffic.longest_write_pause():.3f}s; acknowledged then lost (written to "
             f"the old primary between promotion and announcement): {len(lost)} of "
             f"{len(traffic.acked)}; errors surfaced: {traffic.errors or 'none'}"
+        )
+
+
+async def test_writes_held_while_a_failover_is_announced_are_never_lost(
+    failover_sentinel: SentinelTopology,
+    clients: SentinelClients,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    watch = asyncio.create_task(clients.watch_failovers())
+    blocker = clients.dedicated(socket_timeout=None)
+    traffic = Traffic(clients.general, blocker, gate=clients.wait_writable)
+    try:
+        traffic.start()
+
+        async def flowing() -> bool:
+            return len(traffic.read) >= 20
+
+        await eventually(flowing, what="traffic flowing")
+        new, _ = await asyncio.to_thread(failover_sentinel.failover)
+
+        async def switched() -> bool:
+            return clients.switches > 0
+
+        await eventually(switched, what="the +switch-master announcement")
+        await asyncio.sleep(0.5)
+        await traffic.stop()
+    finally:
+        watch.cancel()
+        await blocker.aclose()
+    acked = [n for _, n in traffic.acked]
+    assert clients.pauses == 1
+    # Every acknowledged write is on the new primary: none went to the old one after its
+    # replica stopped replicating.
+    assert await on_node(new.port, acked) == set(acked)
+    assert [n for _, n in traffic.read][-5:] == acked[-5:]
+    assert traffic.longest_write_pause() < WRITE_PAUSE_SECONDS
+    with capsys.disabled():
+        print(
+            f"\n[sentinel failover, writes held] longest write pause "
+            f"{traffic.longest_write_pause():.2f}s; acknowledged then lost: 0 of {len(acked)}"
         )
 
 

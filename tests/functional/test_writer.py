@@ -191,29 +191,29 @@ async def test_append_script_retried_with_the_same_batch_stores_each_seq_once(
 ) -> None:
     await redis_client.script_load(APPEND_SCRIPT)
     run_id = RunId("idem-script")
-    # producer, claim, lease_ms, ttl_ms, maxlen, known_last, allow_gap, nmeta, meta pairs,
-    # event quads
-    head = ["prod-a", "1", "30000", "60000", "100000", 0, "0", 1, "status", "running"]
+    # producer, claim, lease_ms, ttl_ms, maxlen, known_last, allow_gap, wake, nmeta, meta
+    # pairs, event quads
+    head = ["prod-a", "1", "30000", "60000", "100000", 0, "0", "0", 1, "status", "running"]
     batch = [*head, *quad(1), *quad(2)]
     # {0, added, trimmed, last_seq, rebuilt, replaced, rolled_back}
     assert await run_script(redis_client, run_id, *batch) == [0, 2, 0, 2, 0, 0, 0]
     # The reply was "lost": the same batch again (the writer would still send claim=1).
     assert await run_script(redis_client, run_id, *batch) == [0, 0, 0, 2, 0, 0, 0]
     # A later retry that overlaps: only the new seq is added.
-    again = ["prod-a", "0", "30000", "60000", "100000", 2, "0", 0, *quad(2), *quad(3)]
+    again = ["prod-a", "0", "30000", "60000", "100000", 2, "0", "0", 0, *quad(2), *quad(3)]
     assert await run_script(redis_client, run_id, *again) == [0, 1, 0, 3, 0, 0, 0]
     rows = await stored(redis_client, run_id)
     assert seqs(rows) == [1, 2, 3]
     assert [r["id"] for r in rows] == ["1-0", "2-0", "3-0"]
     # A gap (seq 5 after last_seq 3) is refused with the stored last_seq, and nothing of the
     # batch is written, not even the events before the gap.
-    gap = ["prod-a", "0", "30000", "60000", "100000", 3, "0", 0, *quad(4), *quad(6)]
+    gap = ["prod-a", "0", "30000", "60000", "100000", 3, "0", "0", 0, *quad(4), *quad(6)]
     assert await run_script(redis_client, run_id, *gap) == [-3, 3]
     assert seqs(await stored(redis_client, run_id)) == [1, 2, 3]
     assert (await meta(redis_client, run_id))["last_seq"] == "3"
     # The same batch with allow_gap: the hole is recorded as lost, and retrying it changes
     # nothing (the hole is recorded once).
-    hole = ["prod-a", "0", "30000", "60000", "100000", 3, "1", 0, *quad(4), *quad(6)]
+    hole = ["prod-a", "0", "30000", "60000", "100000", 3, "1", "0", 0, *quad(4), *quad(6)]
     assert await run_script(redis_client, run_id, *hole) == [0, 2, 0, 6, 0, 0, 0]
     assert await run_script(redis_client, run_id, *hole) == [0, 0, 0, 6, 0, 0, 0]
     assert seqs(await stored(redis_client, run_id)) == [1, 2, 3, 4, 6]

@@ -4,9 +4,9 @@ writer does (the real append script, one call per run, pipelined, idempotent ret
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,17 +15,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.keys import Keys, RunId
-from sidecar.store.runstore import APPEND_SCRIPT
+from sidecar.store.runstore import APPEND_SCRIPT, APPEND_SHA
 
 KEYS = Keys()
-_RETURN = "return {0, added, trimmed, last, rebuilt, replaced, rolled_back}"
-# The append script with the live tail's wake-up (cluster_tail.py): the change the store would
-# make to append.lua. The channel has the run's hash tag, so the script stays slot-local.
-TAIL_APPEND_SCRIPT = APPEND_SCRIPT.replace(
-    _RETURN,
-    "if added > 0 then\n  redis.call('SPUBLISH', KEYS[1] .. ':tail', last)\nend\n" + _RETURN,
-)
-assert TAIL_APPEND_SCRIPT != APPEND_SCRIPT
 
 
 def stream_key(run: str) -> str:
@@ -35,18 +27,19 @@ def stream_key(run: str) -> str:
 @dataclass
 class Producer:
     """Appends events ``seq`` 1, 2, ... to runs, ``data = f"{run}:{seq}"`` (then ``pad`` bytes
-    of filler), as the writer does."""
+    of filler), as the writer does; ``wake``: with the live tail's sharded pub/sub wake-up;
+    ``sse``: the data as an SSE event (``id: <seq>``, ``data: <run>:<seq>``), for replays."""
 
     client: Redis | RedisCluster
-    script: str = TAIL_APPEND_SCRIPT
+    wake: bool = True
     pad: int = 0
+    sse: bool = False
     acked: dict[str, int] = field(default_factory=dict)  # run -> last seq Redis confirmed
     replies: dict[str, int] = field(default_factory=dict)  # outcome -> count
     round_trips: int = 0
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.script.encode()).hexdigest()
+    script = APPEND_SCRIPT
+    sha = APPEND_SHA
 
     async def append(self, runs: list[str], n: int = 1) -> None:
         """Append the next ``n`` events of every run; retry until all are confirmed."""
@@ -88,9 +81,11 @@ class Producer:
     def _args(self, run: str, upto: int) -> list[Any]:
         known = self.acked.get(run, 0)
         args: list[Any] = [stream_key(run), stream_key(run) + ":meta"]
-        args += ["producer-1", "1" if known == 0 else "0", 30000, 600000, 100000, known, "0", 0]
+        wake = "1" if self.wake else "0"
+        args += ["producer-1", "1" if known == 0 else "0", 30000, 600000, 100000, known, 0, wake, 0]
         for seq in range(known + 1, upto + 1):
-            args += [seq, f"{run}:{seq}" + "x" * self.pad, 1, "false"]
+            data = f"{run}:{seq}" + "x" * self.pad
+            args += [seq, f"id: {seq}\ndata: {data}\n\n" if self.sse else data, 1, "false"]
         return args
 
     def _count(self, outcome: str) -> None:
@@ -115,6 +110,8 @@ class Traffic:
     general: Redis
     blocker: Redis
     wait_replica: bool = False
+    # Before each write, wait until no failover is under way (what the store does on Sentinel).
+    gate: Callable[[float], Awaitable[bool]] | None = None
     acked: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, n)
     read: list[tuple[float, int]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
@@ -136,6 +133,9 @@ class Traffic:
     async def _write(self) -> None:
         n = 1
         while not self._stop.is_set():
+            if self.gate is not None and not await self.gate(2.0):
+                self._error("write", TimeoutError("failover pause"))
+                continue
             try:
                 async with self.general.pipeline(transaction=False) as pipe:
                     pipe.execute_command("XADD", "s", f"{n}-0", "n", n)

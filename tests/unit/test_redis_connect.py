@@ -4,11 +4,14 @@ clients does not connect."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
 from redis.asyncio import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
+from sidecar.store import connect as connect_module
 from sidecar.store.connect import (
     BlockingSentinelConnectionPool,
     ClientOptions,
@@ -118,5 +121,83 @@ async def test_a_cluster_gets_its_startup_nodes_a_per_node_bound_and_a_slot_sema
     pubsub = clients.node_pubsub("n1", 7000)
     assert pubsub.connection_pool.connection_class is SSLConnection
     assert kwargs_of(pubsub.connection_pool)["retry"].get_retries() == 0
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await clients.aclose()
+
+
+# -- Sentinel: writes held while a failover is announced -------------------------------------
+
+
+def sentinel_clients() -> SentinelClients:
+    clients = connect(parse_redis_url("redis+sentinel://s1:26379,s2:26379/mymaster/0"), OPTIONS)
+    assert isinstance(clients, SentinelClients)
+    return clients
+
+
+async def test_a_failover_of_our_master_holds_writes_until_the_switch() -> None:
+    clients = sentinel_clients()
+    sentinel = clients.sentinel.sentinels[1]
+    assert await clients.wait_writable(0.01)
+    # Another master's failover: nothing held.
+    await clients._announced(sentinel, "+try-failover", "master other 10.0.0.9 6379")
+    assert await clients.wait_writable(0.01)
+    for channel, details in [
+        ("+try-failover", "master mymaster 10.0.0.1 6379"),
+        ("+selected-slave", "slave 10.0.0.2:6379 10.0.0.2 6379 @ mymaster 10.0.0.1 6379"),
+        ("+failover-state-send-slaveof-noone", "slave 10.0.0.2:6379 10.0.0.2 6379 @ mymaster x 1"),
+    ]:
+        await clients._announced(sentinel, channel, details)
+        assert not await clients.wait_writable(0.01), channel
+    assert clients.pauses == 1  # one failover, however many steps it announced
+    waiting = asyncio.create_task(clients.wait_writable(5))
+    await clients._announced(sentinel, b"+switch-master", b"mymaster 10.0.0.1 6379 10.0.0.2 6379")
+    assert await waiting
+    assert clients.switches == 1
+    # The announcing sentinel is asked first from now on.
+    assert clients.sentinel.sentinels[0] is sentinel
+    await clients.aclose()
+
+
+async def test_a_failover_that_fails_or_goes_silent_releases_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clients = sentinel_clients()
+    sentinel = clients.sentinel.sentinels[0]
+    await clients._announced(sentinel, "+elected-leader", "master mymaster 10.0.0.1 6379")
+    assert not await clients.wait_writable(0.01)
+    await clients._announced(sentinel, "+failover-end-for-timeout", "master mymaster 10.0.0.1 1")
+    assert await clients.wait_writable(0.01)
+    monkeypatch.setattr(connect_module, "WRITE_PAUSE_SECONDS", 0.05)
+    await clients._announced(sentinel, "+try-failover", "master mymaster 10.0.0.1 6379")
+    assert not await clients.wait_writable(0.01)
+    assert await clients.wait_writable(1.0)  # no news for WRITE_PAUSE_SECONDS: released
+    assert clients.pauses == 2
+    await clients.aclose()
+
+
+@pytest.mark.parametrize(
+    ("details", "master"),
+    [
+        ("master mymaster 10.0.0.1 6379", "mymaster"),
+        ("master mymaster 10.0.0.1 6379 #quorum 2/2", "mymaster"),
+        ("slave 10.0.0.2:6379 10.0.0.2 6379 @ mymaster 10.0.0.1 6379", "mymaster"),
+        ("sentinel 10.0.0.7:26379 10.0.0.7 26379 @ other 10.0.0.1 6379", "other"),
+        ("slave 10.0.0.2:6379 10.0.0.2 6379", None),
+        ("", None),
+    ],
+)
+def test_the_master_an_announcement_is_about(details: str, master: str | None) -> None:
+    assert connect_module._master_of(details) == master
+
+
+async def test_a_cluster_cancel_subscription_needs_no_slot_map() -> None:
+    """Before the first command (or after redis-py dropped its slot map on an error) the cancel
+    subscription goes to a startup node instead of failing."""
+    clients = connect(parse_redis_url("redis+cluster://n1:7000,n2:7001"), OPTIONS)
+    assert isinstance(clients, ClusterClients)
+    assert not clients.general.nodes_manager.nodes_cache
+    pubsub = clients.pubsub()
+    kw = kwargs_of(pubsub.connection_pool)
+    assert (kw["host"], kw["port"]) in {("n1", 7000), ("n2", 7001)}
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     await clients.aclose()

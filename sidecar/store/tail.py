@@ -1,0 +1,191 @@
+"""The live tail, one interface whatever the topology: a push-style source of new entries.
+
+``follow(run_id, cursor)`` asks for the entries of a run after ``cursor``, now and as they come
+(a lower cursor than the one the tail holds for the run lowers it: the run is read again from
+there); ``unfollow(run_id)`` stops that. The tail hands what it reads to its ``TailListener``:
+``deliver(run_id, after, entries)`` with entries contiguous from ``after``, the tail's cursor
+for the run when that read was sent. A read whose cursor was lowered meanwhile is dropped and
+made again, so a follower that joins with an older cursor is never offered a delivery that does
+not cover it.
+
+Two sources implement it (``RunStore.live_tail`` picks one by topology, README "The live tail"):
+
+- ``BlockingTail`` (one Redis, Sentinel): one dedicated connection blocked in
+  ``XREAD BLOCK ... STREAMS k1 k2 ...`` over every followed run, each from its cursor; when a run
+  (or an older cursor) must be added, ``CLIENT UNBLOCK`` ends the blocked read early. The XADD
+  of the append script wakes it: nothing more per write.
+- ``ClusterTail`` (``cluster_tail.py``; Redis Cluster, where one command may only name keys of
+  one slot): sharded pub/sub wake-ups, then pipelined cursor reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sidecar.background import Background
+from sidecar.errors import StoreError
+from sidecar.keys import RunId
+from sidecar.store.connect import abort
+from sidecar.store.entries import Entry, parse_entry, text
+from sidecar.store.errors import FOREIGN
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from sidecar.store.runstore import RunStore
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 1000  # entries per run and read; a full page is read again at once
+BACKOFF_START = 0.05
+BACKOFF_MAX = 2.0
+
+
+class TailListener(Protocol):
+    """What a live tail reports to (the follower)."""
+
+    def deliver(self, run_id: RunId, after: int, entries: list[Entry]) -> None:
+        """New entries of a followed run: contiguous, the first one right after ``after``."""
+        ...
+
+    def failed(self, error: StoreError) -> None:
+        """A read or a subscription failed; the tail retries on its own."""
+        ...
+
+    def recovered(self) -> None:
+        """Redis answers again after failures: followed runs may have vanished meanwhile."""
+        ...
+
+
+class LiveTail(Protocol):
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def follow(self, run_id: RunId, cursor: int) -> None: ...
+
+    def unfollow(self, run_id: RunId) -> None: ...
+
+
+def retry_delay(failures: int) -> float:
+    return float(min(BACKOFF_START * 2 ** max(failures - 1, 0), BACKOFF_MAX))
+
+
+class BlockingTail:
+    """The live tail on one Redis (or the primary Sentinel names): one blocked ``XREAD``."""
+
+    # A blocked read returns at least this often, so a silently dead connection is noticed.
+    BLOCK_MS = 5000
+
+    def __init__(self, store: RunStore, listener: TailListener) -> None:
+        self._store = store
+        self._keys = store.keys
+        self._listener = listener
+        # Not retried by redis-py: this loop retries on its own, and a read that fails at once
+        # is how ``close`` (and a Sentinel failover) ends a blocked read.
+        self._client: Redis = store.dedicated(socket_timeout=self.BLOCK_MS / 1000 + 5, retry=False)
+        self._cursors: dict[RunId, int] = {}
+        self._reading: Mapping[RunId, int] = {}  # what the read in flight covers
+        self._changed = asyncio.Event()
+        self._client_id: int | None = None
+        self._blocking = False
+        self._unblocking: asyncio.Task[None] | None = None
+        self._background = Background("sse-live-tail", self._loop, store.metrics)
+        self._closed = False  # a read that swallowed its cancellation must not go on
+
+    def start(self) -> None:
+        self._background.start()
+
+    async def close(self) -> None:
+        self._closed = True
+        abort(self._client)
+        await self._background.stop()
+        await self._client.aclose()
+
+    def follow(self, run_id: RunId, cursor: int) -> None:
+        held = self._cursors.get(run_id)
+        if held is not None and held <= cursor:
+            return
+        self._cursors[run_id] = cursor
+        self._changed.set()
+        covered = self._reading.get(run_id)
+        if covered is None or cursor < covered:
+            self._interrupt()
+
+    def unfollow(self, run_id: RunId) -> None:
+        # The read in flight may still name it: its entries are dropped when it returns.
+        self._cursors.pop(run_id, None)
+
+    async def _loop(self) -> None:
+        failures = 0
+        while not self._closed:
+            if not self._cursors:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            positions = dict(self._cursors)
+            self._reading = positions
+            self._changed.clear()
+            try:
+                if self._client_id is None:
+                    self._client_id = int(await self._client.client_id())
+                    if failures:
+                        failures = 0
+                        self._listener.recovered()
+                found = await self._read(positions)
+            except FOREIGN as exc:
+                if self._closed:
+                    return
+                self._client_id = None
+                failures += 1
+                self._listener.failed(self._store.failed("follow", exc))
+                await asyncio.sleep(retry_delay(failures))
+                continue
+            finally:
+                self._reading = {}
+            self._store.health.ok()
+            for run_id, entries in found.items():
+                after = positions[run_id]
+                # Unfollowed, or followed again from an older cursor (read again from there).
+                if self._cursors.get(run_id) != after or not entries:
+                    continue
+                self._cursors[run_id] = entries[-1].seq
+                self._listener.deliver(run_id, after, entries)
+
+    async def _read(self, positions: Mapping[RunId, int]) -> dict[RunId, list[Entry]]:
+        keys = self._keys
+        self._blocking = True
+        try:
+            reply: Any = await self._client.xread(
+                {keys.stream(run_id): f"{seq}-0" for run_id, seq in positions.items()},
+                count=READ_COUNT,
+                block=self.BLOCK_MS,
+            )
+        finally:
+            self._blocking = False
+        out: dict[RunId, list[Entry]] = {}
+        for raw_key, entries in reply or ():
+            run_id = keys.run_id_of(text(raw_key))
+            out[run_id] = [parse_entry(entry_id, fields) for entry_id, fields in entries]
+        return out
+
+    def _interrupt(self) -> None:
+        if self._blocking and self._unblocking is None and self._client_id is not None:
+            # Kept referenced until done: the loop holds tasks only weakly.
+            self._unblocking = asyncio.get_running_loop().create_task(
+                self._unblock(self._client_id)
+            )
+
+    async def _unblock(self, client_id: int) -> None:
+        try:
+            # The XREAD may be on its way but not yet blocked in Redis, where UNBLOCK finds
+            # nothing to do: try again until it took effect or the read returned by itself.
+            while self._blocking and not await self._store.unblock(client_id):  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        except StoreError as exc:
+            log.warning("cannot interrupt the blocked live-tail read: %s", exc)
+        finally:
+            self._unblocking = None
