@@ -23,12 +23,14 @@ from typing import Any
 
 from bench.procs import Stack
 from sidecar.follow import Follower
+from sidecar.keys import RunId
+from sidecar.store import RunStore
 from sidecar.store.cluster_tail import ClusterRouting, ClusterTail, SingleRouting
 from sidecar.store.connect import ClientOptions, ClusterClients, SingleClients, connect
 from sidecar.store.runstore import APPEND_SCRIPT
 from sidecar.store.url import parse_redis_url
 from sidecar.telemetry import Metrics
-from tests.functional.topology_helpers import TAIL_APPEND_SCRIPT, Producer, stream_key
+from tests.functional.topology_helpers import KEYS, TAIL_APPEND_SCRIPT, Producer, stream_key
 from tests.topologies import RedisClusterTopology
 
 RUNS = 1000
@@ -117,10 +119,15 @@ async def _single_design(url: str, names: list[str], *, xread: bool, trickle: bo
     delivered = [0]
     subs = []
     if xread:
-        follower = Follower(url, r, Metrics(), connect_timeout=2.0)
+        store = RunStore(url, KEYS)
+        follower = Follower(store, Metrics())
         follower.start()
-        subs = [follower.subscribe(stream_key(n), 1, 1 << 30) for n in names]
-        close = follower.close
+        subs = [follower.subscribe(RunId(n), 1, 1 << 30) for n in names]
+
+        async def close() -> None:
+            await follower.close()
+            await store.aclose()
+
     else:
         tail = ClusterTail(SingleRouting(r, clients.pubsub), lambda _k, e: _add(delivered, e))
         tail.start()
