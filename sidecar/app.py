@@ -178,7 +178,13 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
 async def _runs(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     store, metrics = app[STORE], app[METRICS]
-    runs = RunRegistry(app[WRITER], s.lease_seconds, metrics, keepalive_seconds=s.heartbeat_seconds)
+    runs = RunRegistry(
+        app[WRITER],
+        s.lease_seconds,
+        metrics,
+        keepalive_seconds=s.heartbeat_seconds,
+        read_timeout_seconds=s.upstream_read_timeout_seconds,
+    )
     finalizer = Finalizer(
         store,
         metrics,
