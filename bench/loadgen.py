@@ -49,6 +49,7 @@ class SSEClient(asyncio.Protocol):
         self._pending = b""
         self.transport: asyncio.Transport | None = None
         self.status = 0
+        self.headers_at_us = 0  # when the response head came in
         self.events = 0
         self.pings = 0
         self.error: str | None = None
@@ -75,6 +76,7 @@ class SSEClient(asyncio.Protocol):
             data = bytes(self._head[end + 4 :])
             self._head.clear()
             self._decoder = ChunkedDecoder()
+            self.headers_at_us = now
             if not self.headers_seen.done():
                 self.headers_seen.set_result(None)
             if self.status != 200 or headers.get("transfer-encoding", "").lower() != "chunked":
@@ -151,6 +153,12 @@ async def ramp(count: int, seconds: float, make: Any) -> list[SSEClient]:
     return list(await asyncio.gather(*tasks))
 
 
+def all_open_s(clients: list[SSEClient], t0_us: int) -> float:
+    """Seconds from the first connect until every stream had its response head: past the
+    measuring lead, the window did not see every stream open (a slow accept staggers them)."""
+    return max((c.headers_at_us - t0_us for c in clients if c.headers_at_us), default=0) / 1e6
+
+
 def errors_of(clients: list[SSEClient]) -> dict[str, int]:
     return dict(Counter(c.error for c in clients if c.error))
 
@@ -202,6 +210,7 @@ async def streams(
         client = SSEClient(request, lat, measure_after_us=after)
         return await open_client(port, request, client)
 
+    t0 = now_us()
     clock = Clock().start()
     clients = await ramp(count, ramp_s, make)
     await wait_all(clients, timeout_s)
@@ -210,6 +219,7 @@ async def streams(
     expected = count * (n + 2)
     return {
         "streams": count,
+        "all_open_s": all_open_s(clients, t0),
         "complete": sum(1 for c in clients if c.error is None and c.events == n + 2),
         "errors": errors_of(clients),
         "events": events,
@@ -265,6 +275,7 @@ async def streams_with_readers(
             await open_client(port, get, reader)
         return client
 
+    t0 = now_us()
     clock = Clock().start()
     clients = await ramp(count, ramp_s, make)
     await wait_all(clients, timeout_s)
@@ -273,6 +284,7 @@ async def streams_with_readers(
     events = sum(c.events for c in clients)
     return {
         "streams": count,
+        "all_open_s": all_open_s(clients, t0),
         "complete": sum(1 for c in clients if c.error is None and c.events == n + 2),
         "errors": errors_of(clients),
         "events": events,

@@ -121,6 +121,33 @@ def readers_table(readers: dict[str, Any], rate: float) -> str:
     )
 
 
+def scaling_table(scaling: dict[str, Any], rate: float) -> str:
+    rows = []
+    for r in scaling["summary"].values():
+        rows.append(
+            [
+                str(r["workers"]),
+                f"{r['streams']:,}",
+                span(r["plain_added_p99_us"], 1e-3, 2),
+                span(r["added_p99_us"], 1e-3, 2),
+                span(r["replay_p99_us"], 1e-3, 2),
+                span(r["first_byte_p99_us"], 1e-3, 1),
+                span(r["cpu_us_per_event"], 1, 1),
+                f"{r['dropped']:.0f}",
+                span(r["sat_events_per_s"]),
+                span(r["sat_cores"], 1, 2),
+            ]
+        )
+    head = ["workers", "streams (a reader each)", "plain added p99 ms", "sidecar added p99 ms"]
+    head += ["replay lag p99 ms", "first byte p99 ms", "CPU µs/event (all workers)", "dropped"]
+    head += ["saturation events/s", "saturation cores"]
+    return (
+        f"`sse-sidecar serve --workers N`, N x the streams at {rate:g} events/s with a replay "
+        "reader each, beside the plain proxy carrying the same streams; then a saturation "
+        "cell:\n\n" + table(head, rows)
+    )
+
+
 def saturation_table(res: dict[str, Any]) -> str:
     sat = res["saturation"]["summary"]
     base = med(sat["sidecar:null"]["events_per_s"])
@@ -418,6 +445,17 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 cs <= cp,
             )
         )
+    sc = res.get("scaling", {}).get("summary", {})
+    if "workers1" in sc and "workers2" in sc:
+        one, two = med(sc["workers1"]["added_p99_us"]), med(sc["workers2"]["added_p99_us"])
+        out.append(
+            (
+                "issue 15: 2 workers carry 2x the streams at 1 worker's added p99 (within 1.5x)",
+                f"{two / 1000:.2f} ms for {sc['workers2']['streams']:,} vs {one / 1000:.2f} ms "
+                f"for {sc['workers1']['streams']:,}",
+                two <= 1.5 * max(one, 1.0),
+            )
+        )
     rep = res.get("replay")
     if rep:
         for k, peers in rep["lag_summary"].items():
@@ -472,6 +510,8 @@ def all_tables(res: dict[str, Any]) -> str:
             "### A replay reader on every run",
             readers_table(res["readers"], res["config"]["rate"]),
         ]
+    if "scaling" in res:
+        parts += ["### Worker processes", scaling_table(res["scaling"], res["config"]["rate"])]
     if "saturation" in res:
         parts += ["### Saturation throughput, one process each", saturation_table(res)]
     if "tee" in res or "saturation" in res:

@@ -33,7 +33,16 @@ from bench.scenarios import STREAM_PATH, Bench
 RESULTS = ROOT / "bench" / "results"
 TOOLS = ROOT / "bench" / ".venv-tools" / "bin"
 # idle first: the sidecar and Letta processes are fresh, so the RSS readers add is visible.
-SCENARIOS = ("idle", "tee", "readers", "saturation", "writers", "replay", "redis_benchmark")
+SCENARIOS = (
+    "idle",
+    "tee",
+    "readers",
+    "scaling",
+    "saturation",
+    "writers",
+    "replay",
+    "redis_benchmark",
+)
 
 
 T0 = time.perf_counter()
@@ -108,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         help="extra `sse-sidecar serve` flags for the sidecar under test (e.g. '--workers 2')",
     )
     parser.add_argument(
+        "--sidecar-root",
+        type=Path,
+        metavar="DIR",
+        help="import the sidecar under test from DIR instead of this checkout",
+    )
+    parser.add_argument(
+        "--baseline-flags", default="", metavar="FLAGS", help="the same, for --baseline"
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         metavar="DIR",
@@ -138,10 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         redis_svc = stack.redis()
         upstream = stack.upstream()
         plain = stack.plain_proxy(upstream)
-        sidecar = stack.sidecar(upstream, redis_svc, flags=tuple(args.sidecar_flags.split()))
+        sidecar = stack.sidecar(
+            upstream, redis_svc, root=args.sidecar_root, flags=tuple(args.sidecar_flags.split())
+        )
         baseline = None
         if args.baseline is not None:
-            baseline = stack.sidecar(upstream, redis_svc, name="baseline", root=args.baseline)
+            baseline = stack.sidecar(
+                upstream,
+                redis_svc,
+                name="baseline",
+                root=args.baseline,
+                flags=tuple(args.baseline_flags.split()),
+            )
         loadgen = stack.loadgen()
         want = set(args.only or SCENARIOS)
         letta_error = "left out (--no-letta)" if args.no_letta else letta_unavailable()

@@ -4,16 +4,18 @@ raw figures; the report takes medians and min-max."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 
-from bench.common import proc_cpu_seconds, spread
+from bench.common import proc_cpu_seconds, spread, tree_cpu_seconds
 from bench.config import Config
 from bench.observe import RedisStats, histogram_delta, redis_connections_of, scrape, total
 from bench.procs import Service, Stack, Worker
@@ -37,6 +39,8 @@ class Bench:
     # ``--baseline DIR``: a second sidecar from another checkout, measured beside this one in
     # the tee, readers and saturation cells (a before/after ratio from the same run).
     baseline: Service | None = None
+    # Sidecars with worker processes (serve --workers N), started by the scaling scenario.
+    workers: dict[str, Service] = field(default_factory=dict)
     r: Redis = field(init=False)
 
     def __post_init__(self) -> None:
@@ -50,6 +54,8 @@ class Bench:
 
     def sidecar_of(self, target: str) -> Service | None:
         """The sidecar service a target is, if it is one."""
+        if target in self.workers:
+            return self.workers[target]
         return {"sidecar": self.sidecar, "baseline": self.baseline}.get(target)
 
     def port_of(self, target: str) -> int:
@@ -116,6 +122,7 @@ class Bench:
                         f"  tee rep {rep + 1} {level:>4} streams {target:<7} "
                         f"p50 {p50:8.0f} us  p99 {p99:8.0f} us"
                         f"  events {cell['events']}/{cell['expected_events']}"
+                        f"  all open after {cell['all_open_s']:.1f} s"
                     )
         return {"cells": cells, "summary": self._tee_summary(cells)}
 
@@ -125,20 +132,22 @@ class Bench:
         """One cell of streams at the token rate; ``readers``: each run of the sidecar is also
         followed by a replay reader (the fault suite's load shape)."""
         c = self.config
-        lead = c.ramp_seconds[level] + c.settle_seconds
-        n = max(1, round(c.rate * (lead + c.window_seconds[level])))
+        ramp = c.ramp_seconds.get(level, level / 700)
+        window = c.window_seconds.get(level, max(c.window_seconds.values()))
+        lead = ramp + c.settle_seconds
+        n = max(1, round(c.rate * (lead + window)))
         prefix = f"{'rd' if readers else 'tee'}-r{rep}-c{level}-{target}"
         svc = self.sidecar_of(target)
         before = scrape(svc) if svc is not None else None
         rs0 = RedisStats.take(self.r)
-        cpu0 = {name: proc_cpu_seconds(svc.pid) for name, svc in self._services().items()}
+        cpu0 = {name: tree_cpu_seconds(svc.pid) for name, svc in self._services().items()}
         args: dict[str, Any] = {
             "port": self.port_of(target),
             "path": STREAM_PATH,
             "count": level,
             "n": n,
             "rate": c.rate,
-            "ramp_s": c.ramp_seconds[level],
+            "ramp_s": ramp,
             "measure_after_s": lead,
             "run_prefix": prefix,
             "timeout_s": 60 + 3 * n / c.rate,
@@ -148,7 +157,7 @@ class Bench:
         else:
             res = self.loadgen.call("streams", measure=True, **args)
         cpu = {
-            name: proc_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
+            name: tree_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
         }
         res["cpu_s"] = cpu
         if svc is not None and before is not None:
@@ -169,7 +178,7 @@ class Bench:
         }
         if self.baseline is not None:
             out["baseline"] = self.baseline
-        return out
+        return {**out, **self.workers}
 
     def _tee_summary(self, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -241,6 +250,7 @@ class Bench:
                     self.log(
                         f"  readers rep {rep + 1} {level:>4} streams {target:<7} "
                         f"p99 {lat.get('p99', math.nan):8.0f} us{extra}"
+                        f"  all open after {cell['all_open_s']:.1f} s"
                     )
         summary = self._tee_summary(cells)
         for key, by_target in cells.items():
@@ -269,6 +279,86 @@ class Bench:
                 [r["cpu_s"]["plain"] / r["wall_s"] for r in by_target["plain"]]
             )
         return {"cells": cells, "summary": summary}
+
+    # -- 1c: worker processes (serve --workers N) ------------------------------------------------
+
+    def scaling(self) -> dict[str, Any]:
+        """N worker processes carry N x ``scaling_streams`` streams, a replay reader on each, and
+        a saturation cell; the plain proxy carries the same streams for the ratio."""
+        c = self.config
+        for n in c.scaling_workers:
+            name = f"workers{n}"
+            if name not in self.workers:
+                svc = self.stack.sidecar(
+                    self.upstream, self.redis_svc, name=name, flags=("--workers", str(n))
+                )
+                self.stack.wait(svc)
+                self._all_workers_ready(svc, n)
+                self.workers[name] = svc
+        cells: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        plain: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        direct: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        sat: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        for rep in range(c.repeats):
+            for n in c.scaling_workers:
+                name, level = f"workers{n}", n * c.scaling_streams
+                direct[name].append(self._tee_cell("direct", level, rep))
+                plain[name].append(self._tee_cell("plain", level, rep))
+                cell = self._tee_cell(name, level, rep, readers=True)
+                cells[name].append(cell)
+                sat[name].append(self.saturation_cell(name, "null", rep))
+                self.log(
+                    f"  scaling rep {rep + 1} {n} worker(s) {level:>5} streams: p99 "
+                    f"{cell['latency_us'].get('p99', math.nan):8.0f} us (plain "
+                    f"{plain[name][-1]['latency_us'].get('p99', math.nan):8.0f} us), replay p99 "
+                    f"{cell['replay_lag_us'].get('p99', math.nan):8.0f} us, dropped "
+                    f"{cell['write']['dropped']:.0f}, saturation "
+                    f"{sat[name][-1]['events_per_s']:9.0f} events/s"
+                )
+        summary: dict[str, Any] = {}
+        for name, runs in cells.items():
+            added = [
+                r["latency_us"].get("p99", math.nan) - d["latency_us"].get("p99", math.nan)
+                for r, d in zip(runs, direct[name], strict=True)
+            ]
+            plain_added = [
+                r["latency_us"].get("p99", math.nan) - d["latency_us"].get("p99", math.nan)
+                for r, d in zip(plain[name], direct[name], strict=True)
+            ]
+            summary[name] = {
+                "workers": int(name.removeprefix("workers")),
+                "streams": runs[0]["streams"],
+                "added_p99_us": spread(added),
+                "plain_added_p99_us": spread(plain_added),
+                "replay_p99_us": spread([r["replay_lag_us"].get("p99", math.nan) for r in runs]),
+                "first_byte_p99_us": spread(
+                    [r["first_byte_us"].get("p99", math.nan) for r in runs]
+                ),
+                "cpu_us_per_event": spread(
+                    [1e6 * r["cpu_s"][name] / max(r["events"], 1) for r in runs]
+                ),
+                "dropped": sum(r["write"]["dropped"] for r in runs),
+                "incomplete": sum(r["streams"] - r["complete"] for r in runs),
+                "sat_events_per_s": spread([x["events_per_s"] for x in sat[name]]),
+                "sat_cores": spread([x["target_cores"] for x in sat[name]]),
+            }
+        return {"cells": cells, "plain": plain, "saturation": sat, "summary": summary}
+
+    def _all_workers_ready(self, svc: Service, n: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{svc.extra['admin']}/readyz"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    body = json.loads(resp.read())
+                # One worker is a plain single process: ready is its own /readyz.
+                workers = body.get("workers", [{"ready": True}])
+                if sum(1 for w in workers if w["ready"]) == n:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{svc.name}: not all {n} workers ready within {timeout}s")
 
     # -- 1: saturation ------------------------------------------------------------------------
 
@@ -322,7 +412,7 @@ class Bench:
         prefix = f"sat-r{rep}-{target}-{ids}"
         side = self.sidecar_of(target)
         before = scrape(side) if side is not None else None
-        cpu0 = {name: proc_cpu_seconds(svc.pid) for name, svc in self._services().items()}
+        cpu0 = {name: tree_cpu_seconds(svc.pid) for name, svc in self._services().items()}
         lg0 = self.loadgen.cpu()
         res = self.loadgen.call(
             "streams",
@@ -337,7 +427,7 @@ class Bench:
             timeout_s=300,
         )
         res["cpu_s"] = {
-            name: proc_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
+            name: tree_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
         }
         res["loadgen_cpu_s"] = self.loadgen.cpu() - lg0
         if target == "plain" or side is not None:
