@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,49 @@ def _script(name: str) -> tuple[str, str]:
 
 APPEND_SCRIPT, APPEND_SHA = _script("append.lua")
 FINALIZE_SCRIPT, FINALIZE_SHA = _script("finalize.lua")
+
+
+def _bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _pack(args: Iterable[bytes]) -> bytes:
+    """One command in RESP, as redis-py's ``pack_command`` would send it."""
+    parts = [_bulk(a) for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(parts)
+
+
+def _append_command(keys: Keys, op: AppendOp, fixed: bytes) -> bytes:
+    """One run's call of the append script in RESP; ``fixed``: the packed lease TTL, stream TTL
+    and length cap, the same for every run of a round trip."""
+    parts = [
+        b"*%d\r\n" % (13 + 2 * len(op.meta) + 4 * len(op.events)),
+        _EVALSHA_HEAD,
+        _bulk(keys.stream(op.run_id).encode()),
+        _bulk(keys.meta(op.run_id).encode()),
+        _bulk(op.producer.encode()),
+        _bulk(op.claim.encode()),
+        fixed,
+        _bulk(b"%d" % op.known_last),
+        _ONE if op.allow_gap else _ZERO,
+        _bulk(b"%d" % len(op.meta)),
+    ]
+    for key, value in op.meta.items():
+        parts.append(_bulk(key.encode()))
+        parts.append(_bulk(value.encode()))
+    for ev in op.events:
+        parts.append(_bulk(b"%d" % ev.seq))
+        parts.append(_bulk(ev.data))
+        parts.append(_bulk(b"%d" % ev.timestamp_ms))
+        parts.append(_TRUE if ev.complete else _FALSE)
+    return b"".join(parts)
+
+
+# The parts of every append call that never change: the command, the script, its two keys.
+_EVALSHA_HEAD = _bulk(b"EVALSHA") + _bulk(APPEND_SHA.encode()) + _bulk(b"2")
+_ZERO, _ONE = _bulk(b"0"), _bulk(b"1")
+_TRUE, _FALSE = _bulk(b"true"), _bulk(b"false")
 
 # Failures that say nothing about the data: Redis is away, busy loading, or failing over. The
 # caller retries later; the rest (a script error, OOM, a wrong type) are refusals.
@@ -304,46 +348,30 @@ class RunStore:
         Raises ``StoreUnavailable`` when the round trip failed as a whole (then nothing or some
         ops ran: every op is idempotent, so retry them all).
         """
-        lease_ms, ttl_ms, cap = str(lease_ttl_ms), str(stream_ttl_ms), str(maxlen)
         keys = self.keys
         load = self._load_append and bool(ops)
+        # The round trip's commands, packed here (see _pack): a run's fixed arguments once per
+        # call, then its meta and events.
+        fixed = b"".join(_bulk(str(x).encode()) for x in (lease_ttl_ms, stream_ttl_ms, maxlen))
+        commands: list[bytes] = []
+        if load:
+            commands.append(_pack((b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode())))
+        commands += [_append_command(keys, op, fixed) for op in ops]
+        if leases:
+            zadd: list[bytes] = [b"ZADD", keys.lease_index.encode()]
+            for run_id, deadline in leases.items():
+                zadd += [b"%d" % deadline, run_id.encode()]
+            commands.append(_pack(zadd))
+        done = list(ended)
+        if done:
+            commands.append(
+                _pack([b"ZREM", keys.lease_index.encode(), *(r.encode() for r in done)])
+            )
+        for protocol_id, run_id in (aliases or {}).items():
+            alias = (b"SET", keys.alias(protocol_id).encode(), run_id.encode())
+            commands.append(_pack((*alias, b"PX", b"%d" % stream_ttl_ms)))
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                if load:
-                    pipe.script_load(APPEND_SCRIPT)
-                for op in ops:
-                    args: list[Any] = [
-                        "EVALSHA",
-                        APPEND_SHA,
-                        2,
-                        keys.stream(op.run_id),
-                        keys.meta(op.run_id),
-                        op.producer,
-                        op.claim,
-                        lease_ms,
-                        ttl_ms,
-                        cap,
-                        op.known_last,
-                        "1" if op.allow_gap else "0",
-                        len(op.meta),
-                    ]
-                    for key, value in op.meta.items():
-                        args.append(key)
-                        args.append(value)
-                    for ev in op.events:
-                        args.append(ev.seq)
-                        args.append(ev.data)
-                        args.append(ev.timestamp_ms)
-                        args.append("true" if ev.complete else "false")
-                    pipe.execute_command(*args)
-                if leases:
-                    pipe.zadd(keys.lease_index, dict(leases))  # type: ignore[arg-type]
-                done = list(ended)
-                if done:
-                    pipe.zrem(keys.lease_index, *done)
-                for protocol_id, run_id in (aliases or {}).items():
-                    pipe.set(keys.alias(protocol_id), run_id, px=stream_ttl_ms)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = await self._round_trip(b"".join(commands), len(commands))
         except _FOREIGN as exc:
             raise self._fail("flush", exc) from exc
         self.health.ok()
@@ -379,6 +407,32 @@ class RunStore:
             # Redis restarted (or SCRIPT FLUSH): load the script; the caller sends those again.
             await self._load(APPEND_SCRIPT)
         return results
+
+    async def _round_trip(self, payload: bytes, replies: int) -> list[Any]:
+        """Send packed commands on one pooled connection and read their replies (an error reply
+        is returned, not raised), all within one ``timeout``.
+
+        redis-py's pipeline would pack every argument again and wrap every reply's read in a
+        timeout of its own: per event at the token rate, more than the script costs Redis. A
+        round trip cut short (timeout, cancellation) leaves replies unread: that connection is
+        closed, never handed back to the pool mid-reply.
+        """
+        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.send_packed_command(payload, check_health=False)
+                out: list[Any] = []
+                for _ in range(replies):
+                    try:
+                        out.append(await conn.read_response(timeout=math.inf))
+                    except redis_errors.ResponseError as exc:
+                        out.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await self._pool.release(conn)
+        return out
 
     async def _load(self, script: str) -> None:
         try:
