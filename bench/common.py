@@ -7,6 +7,7 @@ its own virtualenv), so nothing here may import a third-party package.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -81,6 +82,21 @@ def proc_cpu_seconds(pid: int) -> float:
     # The command name is in parentheses and may contain spaces: split after its closing one.
     fields = raw[raw.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants (a supervisor and its workers)."""
+    total = proc_cpu_seconds(pid)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += tree_cpu_seconds(child)
+    return total
 
 
 def proc_rss_bytes(pid: int) -> int:

@@ -18,6 +18,13 @@ class Config:
     window_seconds: dict[int, float]
     ramp_seconds: dict[int, float]
     settle_seconds: float
+    # The fault suite's shape: streams at the token rate with a replay reader on every run (the
+    # windows and ramps of ``levels`` apply).
+    reader_levels: tuple[int, ...]
+    # Worker scaling: N workers (serve --workers N) carry N x scaling_streams streams with a reader
+    # each, and a saturation cell; every N in scaling_workers.
+    scaling_streams: int
+    scaling_workers: tuple[int, ...]
     # Saturation: streams sent as fast as the path takes them.
     sat_streams: int
     sat_events: int
@@ -56,6 +63,9 @@ QUICK = Config(
     window_seconds={1: 0.6, 100: 0.5, 1000: 0.5},
     ramp_seconds={1: 0.0, 100: 0.1, 1000: 0.5},
     settle_seconds=0.2,
+    reader_levels=(1000,),
+    scaling_streams=50,
+    scaling_workers=(1, 2),
     sat_streams=50,
     sat_events=400,
     writer_runs=50,
@@ -81,6 +91,9 @@ FULL = Config(
     window_seconds={1: 3.0, 100: 3.0, 1000: 3.0},
     ramp_seconds={1: 0.0, 100: 0.5, 1000: 1.5},
     settle_seconds=0.5,
+    reader_levels=(1000,),
+    scaling_streams=500,
+    scaling_workers=(1, 2),
     sat_streams=100,
     sat_events=1000,
     writer_runs=50,

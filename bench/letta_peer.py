@@ -259,7 +259,11 @@ async def close_readers() -> dict[str, Any]:
     result = {"alive_at_close": len(tasks) - len(failed), "errors": _task_errors(failed)}
     for t in tasks:
         t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    # Bounded: a reader blocked in Letta's generator may not take its cancellation at once (a
+    # plain gather here hung the whole bench run).
+    if tasks:
+        _, stuck = await asyncio.wait(tasks, timeout=10)
+        result["stuck_at_close"] = len(stuck)
     if (client := IDLE.pop("client", None)) is not None:
         await client.close()
     return result

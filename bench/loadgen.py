@@ -49,6 +49,7 @@ class SSEClient(asyncio.Protocol):
         self._pending = b""
         self.transport: asyncio.Transport | None = None
         self.status = 0
+        self.headers_at_us = 0  # when the response head came in
         self.events = 0
         self.pings = 0
         self.error: str | None = None
@@ -75,6 +76,7 @@ class SSEClient(asyncio.Protocol):
             data = bytes(self._head[end + 4 :])
             self._head.clear()
             self._decoder = ChunkedDecoder()
+            self.headers_at_us = now
             if not self.headers_seen.done():
                 self.headers_seen.set_result(None)
             if self.status != 200 or headers.get("transfer-encoding", "").lower() != "chunked":
@@ -151,6 +153,12 @@ async def ramp(count: int, seconds: float, make: Any) -> list[SSEClient]:
     return list(await asyncio.gather(*tasks))
 
 
+def all_open_s(clients: list[SSEClient], t0_us: int) -> float:
+    """Seconds from the first connect until every stream had its response head: past the
+    measuring lead, the window did not see every stream open (a slow accept staggers them)."""
+    return max((c.headers_at_us - t0_us for c in clients if c.headers_at_us), default=0) / 1e6
+
+
 def errors_of(clients: list[SSEClient]) -> dict[str, int]:
     return dict(Counter(c.error for c in clients if c.error))
 
@@ -202,6 +210,7 @@ async def streams(
         client = SSEClient(request, lat, measure_after_us=after)
         return await open_client(port, request, client)
 
+    t0 = now_us()
     clock = Clock().start()
     clients = await ramp(count, ramp_s, make)
     await wait_all(clients, timeout_s)
@@ -210,11 +219,83 @@ async def streams(
     expected = count * (n + 2)
     return {
         "streams": count,
+        "all_open_s": all_open_s(clients, t0),
         "complete": sum(1 for c in clients if c.error is None and c.events == n + 2),
         "errors": errors_of(clients),
         "events": events,
         "expected_events": expected,
         "latency_us": distribution(lat) if lat is not None else None,
+        "events_per_s": events / elapsed["wall_s"] if elapsed["wall_s"] else 0.0,
+        **elapsed,
+    }
+
+
+async def streams_with_readers(
+    *,
+    port: int,
+    path: str,
+    count: int,
+    n: int,
+    rate: float,
+    ramp_s: float,
+    measure_after_s: float,
+    run_prefix: str,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """The fault suite's load shape: ``count`` streams at ``rate``, each followed live by one
+    replay reader that connects as soon as its run's first event arrived.
+
+    Measured for the events sent ``measure_after_s`` or more after the first stream started:
+    the live latency (as ``streams``), the replay readers' lag (upstream send -> reader
+    receive), and for every stream its first byte (request written -> response headers in).
+    """
+    live: array[int] = array("q")
+    replay: array[int] = array("q")
+    first_byte: array[int] = array("q")
+    sep = "&" if "?" in path else "?"
+    target = f"{path}{sep}n={n}&rate={rate}&ids=null"
+    body = b'{"messages":[{"role":"user","content":"hi"}],"stream_tokens":true}'
+    after = now_us() + int(measure_after_s * 1e6)
+    readers: list[SSEClient] = []
+
+    async def make(i: int) -> SSEClient:
+        run_id = f"{run_prefix}-{i}"
+        headers = {"Content-Type": "application/json", "X-Run-Id": run_id}
+        request = http_request("POST", target, port, headers, body)
+        client = SSEClient(request, live, measure_after_us=after)
+        t0 = now_us()
+        await open_client(port, request, client)
+        await client.headers_seen
+        first_byte.append(now_us() - t0)
+        await client.first_event
+        if client.error is None:
+            get = http_request("GET", f"/sidecar/v1/runs/{run_id}/stream", port, {}, b"")
+            reader = SSEClient(get, replay, measure_after_us=after)
+            readers.append(reader)
+            await open_client(port, get, reader)
+        return client
+
+    t0 = now_us()
+    clock = Clock().start()
+    clients = await ramp(count, ramp_s, make)
+    await wait_all(clients, timeout_s)
+    await wait_all(readers, 30)
+    elapsed = clock.elapsed()
+    events = sum(c.events for c in clients)
+    return {
+        "streams": count,
+        "all_open_s": all_open_s(clients, t0),
+        "complete": sum(1 for c in clients if c.error is None and c.events == n + 2),
+        "errors": errors_of(clients),
+        "events": events,
+        "expected_events": count * (n + 2),
+        "readers": len(readers),
+        "readers_complete": sum(1 for r in readers if r.error is None),
+        "reader_errors": errors_of(readers),
+        "reader_events": sum(r.events for r in readers),
+        "latency_us": distribution(live),
+        "replay_lag_us": distribution(replay),
+        "first_byte_us": distribution(first_byte),
         "events_per_s": events / elapsed["wall_s"] if elapsed["wall_s"] else 0.0,
         **elapsed,
     }
@@ -435,6 +516,7 @@ async def make_runs(*, redis_url: str, run_ids: list[str], lease_s: float) -> di
 
 HANDLERS: dict[str, Handler] = {
     "streams": streams,
+    "streams_with_readers": streams_with_readers,
     "replay_lag": replay_lag,
     "catchup": catchup,
     "open_readers": open_readers,

@@ -49,7 +49,8 @@ def histogram_delta(before: Samples, after: Samples, name: str) -> dict[str, flo
         if n == f"{name}_bucket":
             le = dict(ls)["le"]
             bound = math.inf if le == "+Inf" else float(le)
-            buckets[bound] = v - before.get((n, ls), 0.0)
+            # Summed over the other labels (a sidecar's workers each have their series).
+            buckets[bound] = buckets.get(bound, 0.0) + v - before.get((n, ls), 0.0)
     count = total(after, f"{name}_count") - total(before, f"{name}_count")
     s = total(after, f"{name}_sum") - total(before, f"{name}_sum")
     result = {"count": count, "mean": s / count if count else math.nan}

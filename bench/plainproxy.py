@@ -80,7 +80,8 @@ async def serve(port: int, upstream_url: str) -> None:
     app.cleanup_ctx.append(session_ctx)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    # The sidecar's listen backlog (sidecar.app.LISTEN_BACKLOG), so that both accept alike.
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

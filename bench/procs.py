@@ -139,14 +139,14 @@ class Stack:
         self._logs: list[IO[bytes]] = []
 
     def _spawn(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
     ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / f"{name}.log"
         f = open(log, "ab")  # noqa: SIM115 - closed in close()
         self._logs.append(f)
         proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -186,15 +186,27 @@ class Stack:
             for port in (svc.port, *svc.extra.values()):
                 wait_port(port, svc.proc, svc.log)
 
-    def sidecar(self, upstream: Service, redis: Service, name: str = "sidecar") -> Service:
-        """``python -m sidecar serve`` with its defaults, but for where it listens and points."""
+    def sidecar(
+        self,
+        upstream: Service,
+        redis: Service,
+        name: str = "sidecar",
+        *,
+        root: Path | None = None,
+        flags: tuple[str, ...] = (),
+    ) -> Service:
+        """``python -m sidecar serve`` with its defaults, but for where it listens and points
+        (and ``flags``); ``root``: import the ``sidecar`` package from there instead."""
         port, admin = free_port(), free_port()
         argv = [PYTHON, "-m", "sidecar", "serve", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--admin-port", str(admin)]
         argv += ["--upstream-url", f"http://127.0.0.1:{upstream.port}"]
-        argv += ["--redis-url", f"redis://127.0.0.1:{redis.port}/0"]
+        argv += ["--redis-url", f"redis://127.0.0.1:{redis.port}/0", *flags]
         env = {k: v for k, v in base_env().items() if not k.startswith(("SSE_SIDECAR_", "OTEL_"))}
-        proc, log = self._spawn(name, argv, env)
+        if root is not None:
+            # `python -m` imports from its working directory first.
+            env["PYTHONPATH"] = str(root.resolve())
+        proc, log = self._spawn(name, argv, env, cwd=(root or ROOT).resolve())
         return self._add(Service(name, proc, port, log, {"admin": admin}))
 
     def loadgen(self) -> Worker:

@@ -9,9 +9,13 @@ from bench.machine import one_line
 
 HOW = """\
 ```sh
-make bench         # the whole suite, under 10 minutes; prints the tables below
-make bench-quick   # the same scenarios at small sizes, under a minute (a smoke test)
-.venv/bin/python -m bench --profile 10 --profile-load saturation   # py-spy the sidecar
+make bench         # the whole suite, 10-15 minutes; prints the tables below (ARGS=--repeats 3)
+make bench-quick   # the same scenarios at small sizes, about a minute (the test suite runs it
+                   # as a smoke test: tests/functional/test_bench_smoke.py)
+.venv/bin/python -m bench --profile 10 --profile-load streams1000   # py-spy the sidecar
+# Before/after in one run: another checkout's sidecar interleaved in the same cells
+git archive main sidecar | tar -x -C /tmp/base
+.venv/bin/python -m bench --only tee readers saturation --baseline /tmp/base --levels 300 1000
 ```
 
 Both targets set everything up first (`.venv`, `redis-server`, and two bench-only virtualenvs:
@@ -33,6 +37,16 @@ How it measures, on one machine, everything on 127.0.0.1:
   for the events sent once every stream is open (the steady state); *added* latency is a path's
   percentile minus direct-to-upstream's in the same repeat. Streams run at a token rate, evenly
   phased (not in lockstep).
+- **A replay reader on every run** (the fault suite's load shape): each sidecar stream is also
+  followed live through the replay API by a reader that connects at the run's first event: live
+  latency, replay-follow lag (send → reader receive), first byte (request → response head),
+  drops, CPU per live event against the plain proxy carrying the same streams.
+- **Worker processes**: `serve --workers N` carries N x the streams (a reader each) beside the
+  plain proxy, then a saturation cell; CPU is summed over the supervisor and its workers.
+- **All open after**: each cell logs when the last stream got its response head. A process that
+  accepts slowly staggers the streams, and its latency then looks better than it is (fewer
+  streams run at once in the measured window): compare cells whose streams were all open
+  before the window (ramp + settle).
 - **Saturation**: streams sent as fast as the path takes them; events/s received, and the
   events per CPU-second of the process under test (what one core would do: on a 2-core machine
   the upstream, the load generator and Redis take the rest).

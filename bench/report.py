@@ -50,13 +50,18 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 # -- the tables --------------------------------------------------------------------------------
 
-NAMES = {"direct": "direct to upstream", "plain": "plain aiohttp proxy", "sidecar": "sse-sidecar"}
+NAMES = {
+    "direct": "direct to upstream",
+    "plain": "plain aiohttp proxy",
+    "sidecar": "sse-sidecar",
+    "baseline": "sse-sidecar, baseline (--baseline)",
+}
 
 
 def tee_table(tee: dict[str, Any], rate: float) -> str:
     rows = []
     for level, row in tee["summary"].items():
-        for target in ("direct", "plain", "sidecar"):
+        for target in (t for t in NAMES if t in row):
             r = row[target]
             added50 = span(r.get("added_p50_us"), 1e-3, 2) if target != "direct" else DASH
             added99 = span(r.get("added_p99_us"), 1e-3, 2) if target != "direct" else DASH
@@ -80,6 +85,69 @@ def tee_table(tee: dict[str, Any], rate: float) -> str:
     )
 
 
+def readers_table(readers: dict[str, Any], rate: float) -> str:
+    rows = []
+    for level, row in readers["summary"].items():
+        for target in ("sidecar", "baseline"):
+            if target not in row:
+                continue
+            d, p, s = row["direct"], row["plain"], row[target]
+            w = s["write"]
+            rows.append(
+                [
+                    level if target == "sidecar" else f"{level} (baseline)",
+                    span(d["p99_us"], 1e-3, 2),
+                    span(p["added_p99_us"], 1e-3, 2),
+                    span(s["added_p99_us"], 1e-3, 2),
+                    span(s["first_byte_p99_us"], 1e-3, 1),
+                    span(s["replay_p50_us"], 1e-3, 2),
+                    span(s["replay_p99_us"], 1e-3, 2),
+                    span(p["cpu_us_per_event"], 1, 1),
+                    span(w["cpu_us_per_event"], 1, 1),
+                    f"{w['stored']:,}/{w['expected']:,}",
+                    f"{w['dropped']:.0f}",
+                    f"{s['readers_complete']:,}/{s['readers']:,}",
+                ]
+            )
+    head = ["streams", "direct p99 ms", "plain added p99 ms", "sidecar added p99 ms"]
+    head += ["sidecar first byte p99 ms", "replay lag p50 ms", "replay lag p99 ms"]
+    head += ["plain CPU µs/event", "sidecar CPU µs/event", "stored/expected", "dropped"]
+    head += ["readers complete"]
+    return (
+        f"{rate:g} events/s per stream, and a replay reader following each sidecar run live "
+        "(it connects at the run's first event); the plain proxy and the direct path carry the "
+        "same streams without readers. CPU per event is per live event relayed (the sidecar's "
+        "includes parsing, storing and the replay deliveries):\n\n" + table(head, rows)
+    )
+
+
+def scaling_table(scaling: dict[str, Any], rate: float) -> str:
+    rows = []
+    for r in scaling["summary"].values():
+        rows.append(
+            [
+                str(r["workers"]),
+                f"{r['streams']:,}",
+                span(r["plain_added_p99_us"], 1e-3, 2),
+                span(r["added_p99_us"], 1e-3, 2),
+                span(r["replay_p99_us"], 1e-3, 2),
+                span(r["first_byte_p99_us"], 1e-3, 1),
+                span(r["cpu_us_per_event"], 1, 1),
+                f"{r['dropped']:.0f}",
+                span(r["sat_events_per_s"]),
+                span(r["sat_cores"], 1, 2),
+            ]
+        )
+    head = ["workers", "streams (a reader each)", "plain added p99 ms", "sidecar added p99 ms"]
+    head += ["replay lag p99 ms", "first byte p99 ms", "CPU µs/event (all workers)", "dropped"]
+    head += ["saturation events/s", "saturation cores"]
+    return (
+        f"`sse-sidecar serve --workers N`, N x the streams at {rate:g} events/s with a replay "
+        "reader each, beside the plain proxy carrying the same streams; then a saturation "
+        "cell:\n\n" + table(head, rows)
+    )
+
+
 def saturation_table(res: dict[str, Any]) -> str:
     sat = res["saturation"]["summary"]
     base = med(sat["sidecar:null"]["events_per_s"])
@@ -90,8 +158,11 @@ def saturation_table(res: dict[str, Any]) -> str:
         "plain:null": "plain aiohttp proxy (no tee)",
         "sidecar:null": "**sse-sidecar** (tee: parse, fill ids, relay, store)",
         "sidecar:filled": "sse-sidecar, ids already filled upstream",
+        "baseline:null": "sse-sidecar, baseline (--baseline)",
     }
     for key, label in labels.items():
+        if key not in sat:
+            continue
         s = sat[key]
         rows.append(
             [
@@ -342,6 +413,49 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 ok,
             )
         )
+    rd = res.get("readers", {}).get("summary", {})
+    for level, row in rd.items():
+        s, p, w = row["sidecar"], row["plain"], row["sidecar"]["write"]
+        out.append(
+            (
+                f"issue 15: {level} streams with a reader each: nothing dropped",
+                f"{w['dropped']:.0f} dropped, {w['stored']:,}/{w['expected']:,} stored",
+                w["dropped"] == 0 and w["stored"] == w["expected"],
+            )
+        )
+        a, b = med(s["added_p99_us"]), med(p["added_p99_us"])
+        out.append(
+            (
+                f"issue 15: {level} streams with readers: added p99 ≤ 2x the plain proxy's",
+                f"{a / 1000:.2f} ms vs {b / 1000:.2f} ms ({a / b:.1f}x)",
+                a <= 2 * b,
+            )
+        )
+        fb = med(s["first_byte_p99_us"]) / 1000
+        out.append((f"issue 15: {level} streams: first byte p99 < 50 ms", f"{fb:.1f} ms", fb < 50))
+        lag = med(s["replay_p99_us"]) / 1000
+        out.append(
+            (f"issue 15: {level} readers: replay-follow lag p99 < 50 ms", f"{lag:.1f} ms", lag < 50)
+        )
+        cs, cp = med(w["cpu_us_per_event"]), med(p["cpu_us_per_event"])
+        out.append(
+            (
+                f"issue 15: {level} streams with readers: CPU/event ≤ the plain proxy's",
+                f"{cs:.1f} vs {cp:.1f} µs ({cs / cp:.2f}x)",
+                cs <= cp,
+            )
+        )
+    sc = res.get("scaling", {}).get("summary", {})
+    if "workers1" in sc and "workers2" in sc:
+        one, two = med(sc["workers1"]["added_p99_us"]), med(sc["workers2"]["added_p99_us"])
+        out.append(
+            (
+                "issue 15: 2 workers carry 2x the streams at 1 worker's added p99 (within 1.5x)",
+                f"{two / 1000:.2f} ms for {sc['workers2']['streams']:,} vs {one / 1000:.2f} ms "
+                f"for {sc['workers1']['streams']:,}",
+                two <= 1.5 * max(one, 1.0),
+            )
+        )
     rep = res.get("replay")
     if rep:
         for k, peers in rep["lag_summary"].items():
@@ -381,7 +495,7 @@ def targets_table(res: dict[str, Any]) -> str:
     rows = [
         [t, m, "yes" if ok else ("no" if ok is not None else "n/a")] for t, m, ok in targets(res)
     ]
-    return table(["target (issue 7)", "measured (median)", "met"], rows)
+    return table(["target (issues 7, 15)", "measured (median)", "met"], rows)
 
 
 def all_tables(res: dict[str, Any]) -> str:
@@ -391,6 +505,13 @@ def all_tables(res: dict[str, Any]) -> str:
     ]
     if "tee" in res:
         parts += ["### Tee overhead", tee_table(res["tee"], res["config"]["rate"])]
+    if "readers" in res:
+        parts += [
+            "### A replay reader on every run",
+            readers_table(res["readers"], res["config"]["rate"]),
+        ]
+    if "scaling" in res:
+        parts += ["### Worker processes", scaling_table(res["scaling"], res["config"]["rate"])]
     if "saturation" in res:
         parts += ["### Saturation throughput, one process each", saturation_table(res)]
     if "tee" in res or "saturation" in res:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,16 @@ from bench.scenarios import STREAM_PATH, Bench
 RESULTS = ROOT / "bench" / "results"
 TOOLS = ROOT / "bench" / ".venv-tools" / "bin"
 # idle first: the sidecar and Letta processes are fresh, so the RSS readers add is visible.
-SCENARIOS = ("idle", "tee", "saturation", "writers", "replay", "redis_benchmark")
+SCENARIOS = (
+    "idle",
+    "tee",
+    "readers",
+    "scaling",
+    "saturation",
+    "writers",
+    "replay",
+    "redis_benchmark",
+)
 
 
 T0 = time.perf_counter()
@@ -68,11 +78,28 @@ def letta_unavailable() -> str | None:
     return reason
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so the stack's processes stop."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
     parser.add_argument("--repeats", type=int, help="override the number of repeated runs")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", help="override the tee and readers stream counts"
+    )
     parser.add_argument("--no-letta", action="store_true", help="leave the Letta peer out")
     parser.add_argument(
         "--profile",
@@ -83,10 +110,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-load", choices=PROFILE_LOADS, default="saturation")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/MODE)")
     parser.add_argument("--note", default="", help="a paragraph for the README section")
+    parser.add_argument(
+        "--sidecar-flags",
+        default="",
+        metavar="FLAGS",
+        help="extra `sse-sidecar serve` flags for the sidecar under test (e.g. '--workers 2')",
+    )
+    parser.add_argument(
+        "--sidecar-root",
+        type=Path,
+        metavar="DIR",
+        help="import the sidecar under test from DIR instead of this checkout",
+    )
+    parser.add_argument(
+        "--baseline-flags", default="", metavar="FLAGS", help="the same, for --baseline"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the sidecar package found in DIR (e.g. `git archive main sidecar | tar -x "
+        "-C DIR`) beside this one, interleaved in the tee, readers and saturation cells",
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     if args.repeats:
         config = Config(**{**config.__dict__, "repeats": args.repeats})
+    if args.levels:
+        levels = tuple(args.levels)
+        config = Config(
+            **{
+                **config.__dict__,
+                "levels": levels,
+                "reader_levels": levels,
+                "window_seconds": {n: config.window_seconds.get(n, 3.0) for n in levels},
+                "ramp_seconds": {n: config.ramp_seconds.get(n, n / 700) for n in levels},
+            }
+        )
     out = args.out or RESULTS / config.mode
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -96,7 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         redis_svc = stack.redis()
         upstream = stack.upstream()
         plain = stack.plain_proxy(upstream)
-        sidecar = stack.sidecar(upstream, redis_svc)
+        sidecar = stack.sidecar(
+            upstream, redis_svc, root=args.sidecar_root, flags=tuple(args.sidecar_flags.split())
+        )
+        baseline = None
+        if args.baseline is not None:
+            baseline = stack.sidecar(
+                upstream,
+                redis_svc,
+                name="baseline",
+                root=args.baseline,
+                flags=tuple(args.baseline_flags.split()),
+            )
         loadgen = stack.loadgen()
         want = set(args.only or SCENARIOS)
         letta_error = "left out (--no-letta)" if args.no_letta else letta_unavailable()
@@ -104,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         letta_version = None
         if letta_error is None and args.profile is None and want & {"writers", "replay", "idle"}:
             letta = stack.letta()
-        stack.wait(upstream, plain, sidecar)
+        stack.wait(upstream, plain, sidecar, *([baseline] if baseline else []))
         loadgen.wait_ready()
         if letta is not None:
             try:
@@ -113,7 +184,17 @@ def main(argv: list[str] | None = None) -> int:
                 letta_error = f"the Letta peer did not start: {exc}"
                 letta = None
         bench = Bench(
-            config, stack, redis_svc, upstream, plain, sidecar, loadgen, letta, letta_error, log
+            config,
+            stack,
+            redis_svc,
+            upstream,
+            plain,
+            sidecar,
+            loadgen,
+            letta,
+            letta_error,
+            log,
+            baseline=baseline,
         )
         redis_version = str(bench.r.info("server")["redis_version"])
         machine = describe(redis_version, letta_version)
@@ -147,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         (out / "tables.md").write_text(tables)
         log("")
         print(tables, flush=True)
-        log(f"results: {out.relative_to(ROOT)}/ ({results['total_seconds']:.0f} s in all)")
+        log(f"results: {_shown(out)}/ ({results['total_seconds']:.0f} s in all)")
         if not args.only:
             full = config.mode == "full" and args.out is None and args.repeats is None
             target = ROOT / "bench" / "README-section.md" if full else out / "README-section.md"
             target.write_text(section(results, tables, args.note))
-            log(f"README section: {target.relative_to(ROOT)}")
+            log(f"README section: {_shown(target)}")
         return 0
     finally:
         stack.close()
@@ -267,7 +348,7 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
     print(report.table(["function (file)", "self %", "total %"], rows), flush=True)
     rows = [[f, f"{t:.1f}"] for f, t in top["inclusive"][:40]]
     print(report.table(["function (file)", "total %"], rows), flush=True)
-    log(f"flame graph: {svg.relative_to(ROOT)}; collapsed stacks: {raw.relative_to(ROOT)}")
+    log(f"flame graph: {_shown(svg)}; collapsed stacks: {_shown(raw)}")
     return 0
 
 

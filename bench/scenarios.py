@@ -4,16 +4,18 @@ raw figures; the report takes medians and min-max."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 
-from bench.common import proc_cpu_seconds, spread
+from bench.common import proc_cpu_seconds, spread, tree_cpu_seconds
 from bench.config import Config
 from bench.observe import RedisStats, histogram_delta, redis_connections_of, scrape, total
 from bench.procs import Service, Stack, Worker
@@ -34,6 +36,11 @@ class Bench:
     letta: Worker | None
     letta_error: str | None
     log: Callable[[str], None]
+    # ``--baseline DIR``: a second sidecar from another checkout, measured beside this one in
+    # the tee, readers and saturation cells (a before/after ratio from the same run).
+    baseline: Service | None = None
+    # Sidecars with worker processes (serve --workers N), started by the scaling scenario.
+    workers: dict[str, Service] = field(default_factory=dict)
     r: Redis = field(init=False)
 
     def __post_init__(self) -> None:
@@ -41,14 +48,26 @@ class Bench:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def port_of(self, target: str) -> int:
-        return {"direct": self.upstream, "plain": self.plain, "sidecar": self.sidecar}[target].port
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return TARGETS + (("baseline",) if self.baseline is not None else ())
 
-    def settle_sidecar(self, timeout: float = 20.0) -> None:
+    def sidecar_of(self, target: str) -> Service | None:
+        """The sidecar service a target is, if it is one."""
+        if target in self.workers:
+            return self.workers[target]
+        return {"sidecar": self.sidecar, "baseline": self.baseline}.get(target)
+
+    def port_of(self, target: str) -> int:
+        svc = {"direct": self.upstream, "plain": self.plain}.get(target) or self.sidecar_of(target)
+        assert svc is not None
+        return svc.port
+
+    def settle_sidecar(self, timeout: float = 20.0, svc: Service | None = None) -> None:
         """Wait until the sidecar has no run going and nothing left to write."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = scrape(self.sidecar)
+            m = scrape(svc or self.sidecar)
             if (
                 total(m, "sse_sidecar_writer_pending_events") == 0
                 and total(m, "sse_sidecar_runs_active") == 0
@@ -70,18 +89,30 @@ class Bench:
         return sum(min(int(x), cap) for x in pipe.execute())
 
     def flush_redis(self) -> None:
-        self.r.flushall(asynchronous=True)
+        """Drop every run a cell left, but not the epoch key: a sidecar seeing that change would
+        take it for Redis losing its data (and mark the runs of the next cell)."""
+        keep = {b"sse:run:epoch"}
+        batch: list[bytes] = []
+        for key in self.r.scan_iter(count=1000):
+            if key not in keep:
+                batch.append(key)
+            if len(batch) >= 1000:
+                self.r.unlink(*batch)
+                batch.clear()
+        if batch:
+            self.r.unlink(*batch)
 
     # -- 1 + 2: tee overhead and write path at each load ---------------------------------------
 
     def tee(self) -> dict[str, Any]:
         c = self.config
         cells: dict[str, dict[str, list[dict[str, Any]]]] = {
-            str(level): {t: [] for t in TARGETS} for level in c.levels
+            str(level): {t: [] for t in self.targets} for level in c.levels
         }
         for rep in range(c.repeats):
             for level in c.levels:
-                order = TARGETS[rep % 3 :] + TARGETS[: rep % 3]
+                k = rep % len(self.targets)
+                order = self.targets[k:] + self.targets[:k]
                 for target in order:
                     cell = self._tee_cell(target, level, rep)
                     cells[str(level)][target].append(cell)
@@ -91,37 +122,47 @@ class Bench:
                         f"  tee rep {rep + 1} {level:>4} streams {target:<7} "
                         f"p50 {p50:8.0f} us  p99 {p99:8.0f} us"
                         f"  events {cell['events']}/{cell['expected_events']}"
+                        f"  all open after {cell['all_open_s']:.1f} s"
                     )
         return {"cells": cells, "summary": self._tee_summary(cells)}
 
-    def _tee_cell(self, target: str, level: int, rep: int) -> dict[str, Any]:
+    def _tee_cell(
+        self, target: str, level: int, rep: int, *, readers: bool = False
+    ) -> dict[str, Any]:
+        """One cell of streams at the token rate; ``readers``: each run of the sidecar is also
+        followed by a replay reader (the fault suite's load shape)."""
         c = self.config
-        lead = c.ramp_seconds[level] + c.settle_seconds
-        n = max(1, round(c.rate * (lead + c.window_seconds[level])))
-        prefix = f"tee-r{rep}-c{level}-{target}"
-        before = scrape(self.sidecar) if target == "sidecar" else None
+        ramp = c.ramp_seconds.get(level, level / 700)
+        window = c.window_seconds.get(level, max(c.window_seconds.values()))
+        lead = ramp + c.settle_seconds
+        n = max(1, round(c.rate * (lead + window)))
+        prefix = f"{'rd' if readers else 'tee'}-r{rep}-c{level}-{target}"
+        svc = self.sidecar_of(target)
+        before = scrape(svc) if svc is not None else None
         rs0 = RedisStats.take(self.r)
-        cpu0 = {name: proc_cpu_seconds(svc.pid) for name, svc in self._services().items()}
-        res = self.loadgen.call(
-            "streams",
-            port=self.port_of(target),
-            path=STREAM_PATH,
-            count=level,
-            n=n,
-            rate=c.rate,
-            ramp_s=c.ramp_seconds[level],
-            measure_after_s=lead,
-            run_prefix=prefix,
-            measure=True,
-            timeout_s=60 + 3 * n / c.rate,
-        )
+        cpu0 = {name: tree_cpu_seconds(svc.pid) for name, svc in self._services().items()}
+        args: dict[str, Any] = {
+            "port": self.port_of(target),
+            "path": STREAM_PATH,
+            "count": level,
+            "n": n,
+            "rate": c.rate,
+            "ramp_s": ramp,
+            "measure_after_s": lead,
+            "run_prefix": prefix,
+            "timeout_s": 60 + 3 * n / c.rate,
+        }
+        if readers and svc is not None:
+            res = self.loadgen.call("streams_with_readers", **args)
+        else:
+            res = self.loadgen.call("streams", measure=True, **args)
         cpu = {
-            name: proc_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
+            name: tree_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
         }
         res["cpu_s"] = cpu
-        if target == "sidecar" and before is not None:
-            self.settle_sidecar()
-            after = scrape(self.sidecar)
+        if svc is not None and before is not None:
+            self.settle_sidecar(svc=svc)
+            after = scrape(svc)
             res["redis"] = RedisStats.take(self.r).minus(rs0)
             res["write"] = write_path(before, after, res["wall_s"])
             res["stored"] = self.stored([f"sse:run:{{{prefix}-{i}}}" for i in range(level)])
@@ -129,12 +170,15 @@ class Bench:
         return res
 
     def _services(self) -> dict[str, Service]:
-        return {
+        out = {
             "sidecar": self.sidecar,
             "plain": self.plain,
             "upstream": self.upstream,
             "redis": self.redis_svc,
         }
+        if self.baseline is not None:
+            out["baseline"] = self.baseline
+        return {**out, **self.workers}
 
     def _tee_summary(self, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -148,7 +192,8 @@ class Bench:
                     "incomplete": sum(r["streams"] - r["complete"] for r in runs),
                 }
             direct = by_target["direct"]
-            for target in ("plain", "sidecar"):
+            sidecars = [t for t in by_target if self.sidecar_of(t) is not None]
+            for target in ("plain", *sidecars):
                 runs = by_target[target]
                 for q in ("p50", "p99"):
                     added = [
@@ -156,27 +201,164 @@ class Bench:
                         for r, d in zip(runs, direct, strict=True)
                     ]
                     row[target][f"added_{q}_us"] = spread(added)
-            side = by_target["sidecar"]
-            row["sidecar"]["write"] = {
-                "events_per_s": spread([r["write"]["events_per_s"] for r in side]),
-                "round_trips_per_event": spread(
-                    [r["write"]["round_trips_per_event"] for r in side]
-                ),
-                "flushes_per_event": spread([r["write"]["flushes_per_event"] for r in side]),
-                "batch_mean": spread([r["write"]["batch"]["mean"] for r in side]),
-                "batch_p99_le": spread([r["write"]["batch"]["p99_le"] for r in side]),
-                "cpu_us_per_event": spread(
-                    [1e6 * r["cpu_s"]["sidecar"] / max(r["events"], 1) for r in side]
-                ),
-                "stored": sum(r["stored"] for r in side),
-                "expected": sum(r["expected_events"] for r in side),
-                "dropped": sum(r["write"]["dropped"] for r in side),
-            }
+            for t in sidecars:
+                side = by_target[t]
+                row[t]["write"] = {
+                    "events_per_s": spread([r["write"]["events_per_s"] for r in side]),
+                    "round_trips_per_event": spread(
+                        [r["write"]["round_trips_per_event"] for r in side]
+                    ),
+                    "flushes_per_event": spread([r["write"]["flushes_per_event"] for r in side]),
+                    "batch_mean": spread([r["write"]["batch"]["mean"] for r in side]),
+                    "batch_p99_le": spread([r["write"]["batch"]["p99_le"] for r in side]),
+                    "cpu_us_per_event": spread(
+                        [1e6 * r["cpu_s"][t] / max(r["events"], 1) for r in side]
+                    ),
+                    "stored": sum(r["stored"] for r in side),
+                    "expected": sum(r["expected_events"] for r in side),
+                    "dropped": sum(r["write"]["dropped"] for r in side),
+                }
             row["plain"]["cpu_us_per_event"] = spread(
                 [1e6 * r["cpu_s"]["plain"] / max(r["events"], 1) for r in by_target["plain"]]
             )
             out[level] = row
         return out
+
+    # -- 1b: the fault suite's load shape: a replay reader on every run ------------------------
+
+    def readers(self) -> dict[str, Any]:
+        """Streams at the token rate with a live replay reader on each sidecar run, against the
+        direct path and the plain proxy (no readers: they cannot replay) in the same repeat."""
+        c = self.config
+        cells: dict[str, dict[str, list[dict[str, Any]]]] = {
+            str(level): {t: [] for t in self.targets} for level in c.reader_levels
+        }
+        for rep in range(c.repeats):
+            for level in c.reader_levels:
+                k = rep % len(self.targets)
+                for target in self.targets[k:] + self.targets[:k]:
+                    cell = self._tee_cell(target, level, rep, readers=True)
+                    cells[str(level)][target].append(cell)
+                    lat = cell["latency_us"]
+                    extra = ""
+                    if self.sidecar_of(target) is not None:
+                        extra = (
+                            f"  replay p99 {cell['replay_lag_us'].get('p99', math.nan):8.0f} us"
+                            f"  first byte p99 {cell['first_byte_us'].get('p99', math.nan):8.0f}"
+                            f" us  dropped {cell['write']['dropped']:.0f}"
+                        )
+                    self.log(
+                        f"  readers rep {rep + 1} {level:>4} streams {target:<7} "
+                        f"p99 {lat.get('p99', math.nan):8.0f} us{extra}"
+                        f"  all open after {cell['all_open_s']:.1f} s"
+                    )
+        summary = self._tee_summary(cells)
+        for key, by_target in cells.items():
+            for t in (x for x in by_target if self.sidecar_of(x) is not None):
+                side = by_target[t]
+                summary[key][t].update(
+                    {
+                        "replay_p50_us": spread(
+                            [r["replay_lag_us"].get("p50", math.nan) for r in side]
+                        ),
+                        "replay_p99_us": spread(
+                            [r["replay_lag_us"].get("p99", math.nan) for r in side]
+                        ),
+                        "first_byte_p50_us": spread(
+                            [r["first_byte_us"].get("p50", math.nan) for r in side]
+                        ),
+                        "first_byte_p99_us": spread(
+                            [r["first_byte_us"].get("p99", math.nan) for r in side]
+                        ),
+                        "readers": sum(r["readers"] for r in side),
+                        "readers_complete": sum(r["readers_complete"] for r in side),
+                        "cores": spread([r["cpu_s"][t] / r["wall_s"] for r in side]),
+                    }
+                )
+            summary[key]["plain"]["cores"] = spread(
+                [r["cpu_s"]["plain"] / r["wall_s"] for r in by_target["plain"]]
+            )
+        return {"cells": cells, "summary": summary}
+
+    # -- 1c: worker processes (serve --workers N) ------------------------------------------------
+
+    def scaling(self) -> dict[str, Any]:
+        """N worker processes carry N x ``scaling_streams`` streams, a replay reader on each, and
+        a saturation cell; the plain proxy carries the same streams for the ratio."""
+        c = self.config
+        for n in c.scaling_workers:
+            name = f"workers{n}"
+            if name not in self.workers:
+                svc = self.stack.sidecar(
+                    self.upstream, self.redis_svc, name=name, flags=("--workers", str(n))
+                )
+                self.stack.wait(svc)
+                self._all_workers_ready(svc, n)
+                self.workers[name] = svc
+        cells: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        plain: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        direct: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        sat: dict[str, list[dict[str, Any]]] = {f"workers{n}": [] for n in c.scaling_workers}
+        for rep in range(c.repeats):
+            for n in c.scaling_workers:
+                name, level = f"workers{n}", n * c.scaling_streams
+                direct[name].append(self._tee_cell("direct", level, rep))
+                plain[name].append(self._tee_cell("plain", level, rep))
+                cell = self._tee_cell(name, level, rep, readers=True)
+                cells[name].append(cell)
+                sat[name].append(self.saturation_cell(name, "null", rep))
+                self.log(
+                    f"  scaling rep {rep + 1} {n} worker(s) {level:>5} streams: p99 "
+                    f"{cell['latency_us'].get('p99', math.nan):8.0f} us (plain "
+                    f"{plain[name][-1]['latency_us'].get('p99', math.nan):8.0f} us), replay p99 "
+                    f"{cell['replay_lag_us'].get('p99', math.nan):8.0f} us, dropped "
+                    f"{cell['write']['dropped']:.0f}, saturation "
+                    f"{sat[name][-1]['events_per_s']:9.0f} events/s"
+                )
+        summary: dict[str, Any] = {}
+        for name, runs in cells.items():
+            added = [
+                r["latency_us"].get("p99", math.nan) - d["latency_us"].get("p99", math.nan)
+                for r, d in zip(runs, direct[name], strict=True)
+            ]
+            plain_added = [
+                r["latency_us"].get("p99", math.nan) - d["latency_us"].get("p99", math.nan)
+                for r, d in zip(plain[name], direct[name], strict=True)
+            ]
+            summary[name] = {
+                "workers": int(name.removeprefix("workers")),
+                "streams": runs[0]["streams"],
+                "added_p99_us": spread(added),
+                "plain_added_p99_us": spread(plain_added),
+                "replay_p99_us": spread([r["replay_lag_us"].get("p99", math.nan) for r in runs]),
+                "first_byte_p99_us": spread(
+                    [r["first_byte_us"].get("p99", math.nan) for r in runs]
+                ),
+                "cpu_us_per_event": spread(
+                    [1e6 * r["cpu_s"][name] / max(r["events"], 1) for r in runs]
+                ),
+                "dropped": sum(r["write"]["dropped"] for r in runs),
+                "incomplete": sum(r["streams"] - r["complete"] for r in runs),
+                "sat_events_per_s": spread([x["events_per_s"] for x in sat[name]]),
+                "sat_cores": spread([x["target_cores"] for x in sat[name]]),
+            }
+        return {"cells": cells, "plain": plain, "saturation": sat, "summary": summary}
+
+    def _all_workers_ready(self, svc: Service, n: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{svc.extra['admin']}/readyz"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    body = json.loads(resp.read())
+                # One worker is a plain single process: ready is its own /readyz.
+                workers = body.get("workers", [{"ready": True}])
+                if sum(1 for w in workers if w["ready"]) == n:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{svc.name}: not all {n} workers ready within {timeout}s")
 
     # -- 1: saturation ------------------------------------------------------------------------
 
@@ -188,9 +370,12 @@ class Bench:
             ("sidecar", "null"),
             ("sidecar", "filled"),
         ]
+        if self.baseline is not None:
+            variants.append(("baseline", "null"))
         runs: dict[str, list[dict[str, Any]]] = {f"{t}:{ids}": [] for t, ids in variants}
         for rep in range(c.repeats):
-            for target, ids in variants[rep % 4 :] + variants[: rep % 4]:
+            k = rep % len(variants)
+            for target, ids in variants[k:] + variants[:k]:
                 cell = self.saturation_cell(target, ids, rep)
                 runs[f"{target}:{ids}"].append(cell)
                 cores = cell.get("target_cores")
@@ -210,7 +395,7 @@ class Bench:
                 "redis_cores": spread([x["cpu_s"]["redis"] / x["wall_s"] for x in cells]),
                 "incomplete": sum(x["streams"] - x["complete"] for x in cells),
             }
-            if key.startswith("sidecar"):
+            if self.sidecar_of(key.split(":")[0]) is not None:
                 summary[key]["round_trips_per_event"] = spread(
                     [x["write"]["round_trips_per_event"] for x in cells]
                 )
@@ -225,8 +410,9 @@ class Bench:
         c = self.config
         n = events or c.sat_events
         prefix = f"sat-r{rep}-{target}-{ids}"
-        before = scrape(self.sidecar) if target == "sidecar" else None
-        cpu0 = {name: proc_cpu_seconds(svc.pid) for name, svc in self._services().items()}
+        side = self.sidecar_of(target)
+        before = scrape(side) if side is not None else None
+        cpu0 = {name: tree_cpu_seconds(svc.pid) for name, svc in self._services().items()}
         lg0 = self.loadgen.cpu()
         res = self.loadgen.call(
             "streams",
@@ -241,15 +427,15 @@ class Bench:
             timeout_s=300,
         )
         res["cpu_s"] = {
-            name: proc_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
+            name: tree_cpu_seconds(svc.pid) - cpu0[name] for name, svc in self._services().items()
         }
         res["loadgen_cpu_s"] = self.loadgen.cpu() - lg0
-        if target in ("sidecar", "plain"):
+        if target == "plain" or side is not None:
             res["target_cores"] = res["cpu_s"][target] / res["wall_s"]
             res["events_per_cpu_s"] = res["events"] / max(res["cpu_s"][target], 1e-9)
-        if target == "sidecar" and before is not None:
-            self.settle_sidecar()
-            res["write"] = write_path(before, scrape(self.sidecar), res["wall_s"])
+        if side is not None and before is not None:
+            self.settle_sidecar(svc=side)
+            res["write"] = write_path(before, scrape(side), res["wall_s"])
             keys = [f"sse:run:{{{prefix}-{i}}}" for i in range(c.sat_streams)]
             res["stored"] = self.stored(keys)
             self.flush_redis()

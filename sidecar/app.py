@@ -39,15 +39,22 @@ from sidecar.probe import RedisProbe
 from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, OrphanSweep, RunRegistry, new_producer_id
+from sidecar.runtime import tune_gc
 from sidecar.server import TrafficRunner
 from sidecar.store import RunStore
 from sidecar.telemetry import Metrics
 from sidecar.terminal import EndCause, Status
 from sidecar.tracing import exemplar, tracer_of, tracer_provider_from_env
+from sidecar.workers import WorkerSpec, watch_supervisor
 from sidecar.writer import Writer
 
 log = logging.getLogger(__name__)
 
+# Connections the kernel may hold for the traffic port before the loop accepts them (it caps
+# this at net.core.somaxconn). aiohttp's default, 128, overflows when hundreds of clients connect
+# within a second to a busy process: the kernel then drops their handshakes (retried after 1 s,
+# 3 s, 7 s...) or resets them.
+LISTEN_BACKLOG = 4096
 # Time the writer gets, after the last run ended, to put what is buffered into Redis.
 FLUSH_DEADLINE_SECONDS = 5.0
 
@@ -180,7 +187,13 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
 async def _runs(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     store, metrics = app[STORE], app[METRICS]
-    runs = RunRegistry(app[WRITER], s.lease_seconds, metrics, keepalive_seconds=s.heartbeat_seconds)
+    runs = RunRegistry(
+        app[WRITER],
+        s.lease_seconds,
+        metrics,
+        keepalive_seconds=s.heartbeat_seconds,
+        read_timeout_seconds=s.upstream_read_timeout_seconds,
+    )
     finalizer = Finalizer(
         store,
         metrics,
@@ -395,8 +408,14 @@ async def _final_scrape(state: State, grace: float) -> None:
         log.warning("no scrape read the final counts within %.1fs", grace)
 
 
-async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
-    """Run the traffic and admin ports until SIGTERM or SIGINT, then shut down in order."""
+async def serve(
+    settings: Settings, *, metrics: Metrics | None = None, worker: WorkerSpec | None = None
+) -> None:
+    """Run the traffic and admin ports until SIGTERM or SIGINT, then shut down in order.
+
+    ``worker``: one of ``serve --workers N``'s processes: the traffic port is shared with the
+    other workers (SO_REUSEPORT) and the admin app listens on the supervisor's Unix socket.
+    """
     provider = tracer_provider_from_env()
     app = create_app(settings, metrics=metrics, tracer=tracer_of(provider))
     admin = create_admin_app(app)
@@ -415,23 +434,34 @@ async def serve(settings: Settings, *, metrics: Metrics | None = None) -> None:
     admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
     await runner.setup()
     await admin_runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port).start()
-    await web.TCPSite(admin_runner, settings.host, settings.admin_port).start()
+    shared = worker is not None
+    await web.TCPSite(
+        runner, settings.host, settings.port, backlog=LISTEN_BACKLOG, reuse_port=shared
+    ).start()
+    if worker is None:
+        await web.TCPSite(admin_runner, settings.host, settings.admin_port).start()
+    else:
+        await web.UnixSite(admin_runner, worker.admin_socket).start()
     log.info(
-        "sse-sidecar listening on %s:%d (admin %d), upstream %s",
+        "sse-sidecar listening on %s:%d (admin %s), upstream %s",
         settings.host,
         settings.port,
-        settings.admin_port,
+        settings.admin_port if worker is None else f"via the supervisor, worker {worker.index}",
         settings.upstream_url,
     )
+    if settings.gc_tuning:
+        tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(watch_supervisor(worker, stop)) if worker is not None else None
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        if watchdog is not None:
+            watchdog.cancel()
         app[STATE].draining = True
         await runner.cleanup()
         await _final_scrape(app[STATE], settings.metrics_grace_seconds)

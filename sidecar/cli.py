@@ -107,7 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("sidecar").warning(
                 "ignoring %s: no such setting (see sse-sidecar serve --help)", name
             )
-        asyncio.run(serve(settings))
+        if settings.workers > 1:
+            from sidecar.workers import supervise
+
+            supervise(settings)
+        else:
+            asyncio.run(serve(settings))
         return 0
     if args.command == "demo-upstream":
         from sidecar.demo.upstream import run_upstream

@@ -186,6 +186,19 @@ class Settings(BaseSettings):
         gt=0,
         description="Time a client gets to send a request's headers (408 and close past it).",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes serving the traffic port (SO_REUSEPORT), each with its own "
+        "writer and live tail; one per CPU core the container may use.",
+    )
+    gc_tuning: bool = Field(
+        True,
+        description="Once started, freeze the startup heap out of the garbage collector and "
+        "raise its thresholds (10,000, 50, 100): fewer and shorter collector pauses with many "
+        "connections open.",
+    )
     request_body_idle_timeout_seconds: float = Field(
         30.0,
         gt=0,

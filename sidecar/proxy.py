@@ -295,6 +295,10 @@ class Proxy:
         stream = self._writer.open(
             run_id, new_producer_id(), meta, span_context=span.get_span_context(), replace=replace
         )
+        # The tee's watchdog (the registry's sweep) enforces the read timeout from here on:
+        # aiohttp's sock_read timer would be cancelled and armed again on every read.
+        if (conn := upstream.connection) is not None and conn.protocol is not None:
+            conn.protocol.read_timeout = None
         # The first upstream read starts now; whatever it brings is relayed by the tee.
         first = asyncio.ensure_future(upstream.content.readany())
         try:

@@ -271,7 +271,10 @@ class Replayer:
         try:
             while True:
                 try:
-                    await asyncio.wait_for(sub.ready.wait(), self._heartbeat)
+                    # Not wait_for: on Python 3.11 that wraps the wait in a new task, on every
+                    # delivery to every reader (1,000 readers of a run: 1,000 tasks an event).
+                    async with asyncio.timeout(self._heartbeat):
+                        await sub.ready.wait()
                 except TimeoutError:
                     await self._heartbeat_ping(resp, run_id, params)
                     continue

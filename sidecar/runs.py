@@ -71,11 +71,20 @@ class RunRegistry:
     their idle clients' connections alive (one timer for every run, not one per read)."""
 
     def __init__(
-        self, writer: Writer, lease_seconds: float, metrics: Metrics, *, keepalive_seconds: float
+        self,
+        writer: Writer,
+        lease_seconds: float,
+        metrics: Metrics,
+        *,
+        keepalive_seconds: float,
+        read_timeout_seconds: float | None = None,
     ) -> None:
         self._writer = writer
         self._lease_seconds = lease_seconds
         self._keepalive_seconds = keepalive_seconds
+        # The same sweep enforces the upstream read timeout (Tee.keepalive): often enough that
+        # a run ends within a quarter of that timeout after it.
+        self._tick = min(1.0, keepalive_seconds / 2, (read_timeout_seconds or 4.0) / 4)
         self._runs: dict[str, ActiveRun] = {}
         self._background = Background("sse-leases", self._renew_leases, metrics)
         self._keepalives = Background("sse-keepalive", self._keep_alive, metrics)
@@ -117,9 +126,8 @@ class RunRegistry:
 
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
-        tick = min(1.0, self._keepalive_seconds / 2)
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(self._tick)
             now = loop.time()
             for run in self:
                 run.keepalive(now, self._keepalive_seconds)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 UPSTREAM_SETTLE_SECONDS = 1.0
 UPSTREAM_SETTLE_BYTES = 64 << 10
 KEEPALIVE = encode_comment(" keep-alive")
+READ_TIMEOUT_DETAIL = "no data from the upstream within the read timeout"
 
 
 class Tee:
@@ -85,6 +86,7 @@ class Tee:
         self._inflater = inflater
         self._started = started
         self._cancel_on_disconnect = settings.on_client_disconnect == "cancel"
+        self._read_timeout = settings.upstream_read_timeout_seconds
         self._decoder = SSEDecoder(settings.max_event_bytes)
         self._default_status = Status(settings.status_without_stop_reason)
         # auto (dialect None) decides at the first data event; the hint decides a run that had
@@ -98,10 +100,12 @@ class Tee:
         self._seq = 0
         self._first_event_at: float | None = None
         self._cancel_cause: EndCause | None = None
+        self._cancel_detail: str | None = None
         self._client_left = False
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self._sent_at = self._loop.time()  # when the client was last sent anything
+        self._read_at = self._sent_at  # when the upstream last sent anything
         # Blocks without data (retry only): sent and stored with the next event, so that a
         # replay gets them exactly where the live client did.
         self._carry: list[bytes] = []
@@ -148,11 +152,13 @@ class Tee:
         if self._cancel_on_disconnect:
             self.cancel(EndCause.CANCELLED)
 
-    def cancel(self, cause: EndCause) -> None:
-        """End the run early with ``cause``'s terminal (cancel API, shutdown, client policy)."""
+    def cancel(self, cause: EndCause, detail: str | None = None) -> None:
+        """End the run early with ``cause``'s terminal (cancel API, shutdown, client policy,
+        the upstream's read timeout)."""
         if self._cancel_cause is not None or (self.task is not None and self.task.done()):
             return
         self._cancel_cause = cause
+        self._cancel_detail = detail
         if self.task is not None:
             self.task.cancel()
 
@@ -179,7 +185,7 @@ class Tee:
     async def _produce(self) -> EndCause | None:
         """The run from its first byte to its terminal; returns why it ended early, if it did."""
         cause: EndCause | None = self._cancel_cause
-        detail: str | None = None
+        detail: str | None = self._cancel_detail
         try:
             if cause is None:
                 cause, detail = await self._pump()
@@ -189,7 +195,7 @@ class Tee:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            cause = self._cancel_cause
+            cause, detail = self._cancel_cause, self._cancel_detail
         if cause is not None:
             # Cancelled or failed: closing the connection is what tells the upstream to stop.
             self._upstream.close()
@@ -241,10 +247,11 @@ class Tee:
                 if (end := await self._take(chunk)) is not None:
                     return end
             async for chunk in content.iter_any():
+                self._read_at = self._loop.time()
                 if (end := await self._take(chunk)) is not None:
                     return end
         except TimeoutError:
-            return EndCause.UPSTREAM_TIMEOUT, "no data from the upstream within the read timeout"
+            return EndCause.UPSTREAM_TIMEOUT, READ_TIMEOUT_DETAIL
         except (aiohttp.ClientError, OSError) as exc:
             # aiohttp raises a broken connection's error before it hands out the bytes that
             # arrived ahead of it; those are events the upstream did send, so keep them.
@@ -382,7 +389,14 @@ class Tee:
         """Called about every second: when the client got nothing for ``interval`` seconds (the
         upstream is silent: a model thinking, or one that stalled after an error event), send a
         comment, so that proxies and load balancers between the client and the sidecar do not
-        close an idle stream. Comments are neither stored nor numbered."""
+        close an idle stream. Comments are neither stored nor numbered.
+
+        And the upstream's read timeout: a silence longer than ``upstream_read_timeout_seconds``
+        ends the run (``upstream_timeout``). Checked here rather than by aiohttp's ``sock_read``
+        timer, which is cancelled and armed again on every read (a timer per chunk of every
+        stream); the proxy turns that timer off once a response is teed."""
+        if now - self._read_at >= self._read_timeout:
+            self.cancel(EndCause.UPSTREAM_TIMEOUT, READ_TIMEOUT_DETAIL)
         if self._client is not None and now - self._sent_at >= interval:
             self._client.send(KEEPALIVE)
             self._sent_at = now

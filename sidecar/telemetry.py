@@ -369,3 +369,26 @@ def configure_logging(log_format: str, level: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log duplicates http_requests_total; keep it quiet unless debugging.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class SupervisorMetrics:
+    """The supervisor's own series (``serve --workers N``), served on the admin port beside
+    every worker's, which carry a ``worker`` label."""
+
+    def __init__(self, workers: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.workers = Gauge(
+            PREFIX + "workers", "Worker processes configured (serve --workers).", registry=r
+        )
+        self.workers.set(workers)
+        self.workers_up = Gauge(
+            PREFIX + "workers_up",
+            "Worker processes whose metrics the supervisor read in this scrape.",
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            PREFIX + "worker_restarts_total",
+            "Worker processes that exited unexpectedly and were started again.",
+            registry=r,
+        )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -72,6 +73,50 @@ APPEND_SCRIPT, APPEND_SHA = _script("append.lua")
 FINALIZE_SCRIPT, FINALIZE_SHA = _script("finalize.lua")
 
 TailMode = Literal["xread", "pubsub"]
+
+
+def _bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _pack(args: Iterable[bytes]) -> bytes:
+    """One command in RESP, as redis-py's ``pack_command`` would send it."""
+    parts = [_bulk(a) for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(parts)
+
+
+def _append_command(keys: Keys, op: AppendOp, fixed: bytes, wake: bytes) -> bytes:
+    """One run's call of the append script in RESP; ``fixed``: the packed lease TTL, stream TTL
+    and length cap, the same for every run of a round trip; ``wake``: the packed wake flag."""
+    parts = [
+        b"*%d\r\n" % (14 + 2 * len(op.meta) + 4 * len(op.events)),
+        _EVALSHA_HEAD,
+        _bulk(keys.stream(op.run_id).encode()),
+        _bulk(keys.meta(op.run_id).encode()),
+        _bulk(op.producer.encode()),
+        _bulk(op.claim.encode()),
+        fixed,
+        _bulk(b"%d" % op.known_last),
+        _ONE if op.allow_gap else _ZERO,
+        wake,
+        _bulk(b"%d" % len(op.meta)),
+    ]
+    for key, value in op.meta.items():
+        parts.append(_bulk(key.encode()))
+        parts.append(_bulk(value.encode()))
+    for ev in op.events:
+        parts.append(_bulk(b"%d" % ev.seq))
+        parts.append(_bulk(ev.data))
+        parts.append(_bulk(b"%d" % ev.timestamp_ms))
+        parts.append(_TRUE if ev.complete else _FALSE)
+    return b"".join(parts)
+
+
+# The parts of every append call that never change: the command, the script, its two keys.
+_EVALSHA_HEAD = _bulk(b"EVALSHA") + _bulk(APPEND_SHA.encode()) + _bulk(b"2")
+_ZERO, _ONE = _bulk(b"0"), _bulk(b"1")
+_TRUE, _FALSE = _bulk(b"true"), _bulk(b"false")
 
 
 def backoff(base: float, cap: float) -> Callable[[int], float]:
@@ -395,7 +440,6 @@ class RunStore:
         node lost mid-pipeline): then nothing or some ops ran, and every op is idempotent, so
         retry them all.
         """
-        lease_ms, ttl_ms, cap = str(lease_ttl_ms), str(stream_ttl_ms), str(maxlen)
         keys = self.keys
         # Scripts go to every primary on a cluster (not in a pipeline: one command per node);
         # on one Redis they lead this round trip.
@@ -404,44 +448,32 @@ class RunStore:
             await self._ensure_scripts()
             load = False
         async with self._command("flush", write=True) as redis:
-            async with redis.pipeline(transaction=False) as pipe:
+            if isinstance(redis, RedisCluster):
+                replies = await self._cluster_round_trip(
+                    redis, ops, lease_ttl_ms, stream_ttl_ms, maxlen, leases, ended, aliases
+                )
+            else:
+                # One Redis (or Sentinel's primary): the round trip packed here (see _pack): the
+                # fixed arguments once per call, then each run's meta and events.
+                fixed = b"".join(_bulk(b"%d" % x) for x in (lease_ttl_ms, stream_ttl_ms, maxlen))
+                wake = _bulk(self._wake.encode())
+                commands: list[bytes] = []
                 if load:
-                    pipe.script_load(APPEND_SCRIPT)
-                    pipe.script_load(FINALIZE_SCRIPT)
-                for op in ops:
-                    args: list[Any] = [
-                        "EVALSHA",
-                        APPEND_SHA,
-                        2,
-                        keys.stream(op.run_id),
-                        keys.meta(op.run_id),
-                        op.producer,
-                        op.claim,
-                        lease_ms,
-                        ttl_ms,
-                        cap,
-                        op.known_last,
-                        "1" if op.allow_gap else "0",
-                        self._wake,
-                        len(op.meta),
-                    ]
-                    for key, value in op.meta.items():
-                        args.append(key)
-                        args.append(value)
-                    for ev in op.events:
-                        args.append(ev.seq)
-                        args.append(ev.data)
-                        args.append(ev.timestamp_ms)
-                        args.append("true" if ev.complete else "false")
-                    pipe.execute_command(*args)
+                    commands.append(_pack((b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode())))
+                    commands.append(_pack((b"SCRIPT", b"LOAD", FINALIZE_SCRIPT.encode())))
+                commands += [_append_command(keys, op, fixed, wake) for op in ops]
                 if leases:
-                    pipe.zadd(keys.lease_index, dict(leases))  # type: ignore[arg-type]
-                done = list(ended)
+                    zadd: list[bytes] = [b"ZADD", keys.lease_index.encode()]
+                    for run_id, deadline in leases.items():
+                        zadd += [b"%d" % deadline, run_id.encode()]
+                    commands.append(_pack(zadd))
+                done = [r.encode() for r in ended]
                 if done:
-                    pipe.zrem(keys.lease_index, *done)
+                    commands.append(_pack([b"ZREM", keys.lease_index.encode(), *done]))
                 for protocol_id, run_id in (aliases or {}).items():
-                    pipe.set(keys.alias(protocol_id), run_id, px=stream_ttl_ms)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+                    alias = (b"SET", keys.alias(protocol_id).encode(), run_id.encode())
+                    commands.append(_pack((*alias, b"PX", b"%d" % stream_ttl_ms)))
+                replies = await self._round_trip(redis, b"".join(commands), len(commands))
             if load:
                 self._load_scripts = any(isinstance(r, Exception) for r in replies[:2])
                 del replies[:2]
@@ -482,6 +514,94 @@ class RunStore:
             self._load_scripts = True
             await self._ensure_scripts()
         return results
+
+    async def _cluster_round_trip(
+        self,
+        redis: RedisCluster,
+        ops: Sequence[AppendOp],
+        lease_ttl_ms: int,
+        stream_ttl_ms: int,
+        maxlen: int,
+        leases: Mapping[RunId, int] | None,
+        ended: Iterable[RunId],
+        aliases: Mapping[RunId, RunId] | None,
+    ) -> list[Any]:
+        """``append``'s commands on a cluster: redis-py's cluster pipeline sends each node its
+        share in one pipelined write (the scripts are already on every primary)."""
+        keys = self.keys
+        lease_ms, ttl_ms, cap = str(lease_ttl_ms), str(stream_ttl_ms), str(maxlen)
+        async with redis.pipeline(transaction=False) as pipe:
+            for op in ops:
+                args: list[Any] = [
+                    "EVALSHA",
+                    APPEND_SHA,
+                    2,
+                    keys.stream(op.run_id),
+                    keys.meta(op.run_id),
+                    op.producer,
+                    op.claim,
+                    lease_ms,
+                    ttl_ms,
+                    cap,
+                    op.known_last,
+                    "1" if op.allow_gap else "0",
+                    self._wake,
+                    len(op.meta),
+                ]
+                for key, value in op.meta.items():
+                    args.append(key)
+                    args.append(value)
+                for ev in op.events:
+                    args.append(ev.seq)
+                    args.append(ev.data)
+                    args.append(ev.timestamp_ms)
+                    args.append("true" if ev.complete else "false")
+                pipe.execute_command(*args)
+            if leases:
+                pipe.zadd(keys.lease_index, dict(leases))  # type: ignore[arg-type]
+            done = list(ended)
+            if done:
+                pipe.zrem(keys.lease_index, *done)
+            for protocol_id, run_id in (aliases or {}).items():
+                pipe.set(keys.alias(protocol_id), run_id, px=stream_ttl_ms)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def _round_trip(self, redis: Redis, payload: bytes, replies: int) -> list[Any]:
+        """Send packed commands on one pooled connection and read their replies (an error reply
+        is returned, not raised), all within one ``timeout``.
+
+        redis-py's pipeline would pack every argument again and wrap every reply's read in a
+        timeout of its own: per event at the token rate, more than the script costs Redis. A
+        round trip cut short (timeout, cancellation) leaves replies unread: that connection is
+        closed, never handed back to the pool mid-reply.
+        """
+        conn = await redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+
+        async def attempt() -> list[Any]:
+            await conn.send_packed_command(payload, check_health=False)
+            out: list[Any] = []
+            for _ in range(replies):
+                try:
+                    out.append(await conn.read_response(timeout=math.inf))
+                except redis_errors.ResponseError as exc:
+                    out.append(exc)
+            return out
+
+        async def reconnect(_error: BaseException) -> None:
+            await conn.disconnect()
+
+        try:
+            # The client's retry, as its pipeline would: a connection found dead (idle through
+            # a Redis restart) is opened again and the whole round trip resent (every op is
+            # idempotent).
+            async with asyncio.timeout(self._timeout):
+                return await conn.retry.call_with_retry(attempt, reconnect)  # type: ignore[no-any-return]
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await redis.connection_pool.release(conn)
 
     # -- ending a run its producer cannot end ----------------------------------------------
 

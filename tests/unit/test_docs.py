@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.config import ENV_PREFIX, Settings
-from sidecar.telemetry import Metrics
+from sidecar.telemetry import Metrics, SupervisorMetrics
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 
@@ -35,7 +35,7 @@ def test_every_setting_is_documented_with_its_flag_and_default() -> None:
 def test_every_metric_is_documented_with_its_type_and_labels() -> None:
     rows = {r[0]: r for r in _table_rows("sse_sidecar_")}
     exported: dict[str, tuple[str, list[str]]] = {}
-    for metric in vars(Metrics()).values():
+    for metric in [*vars(Metrics()).values(), *vars(SupervisorMetrics(2)).values()]:
         if not isinstance(metric, MetricWrapperBase):
             continue
         kind = str(metric._type)

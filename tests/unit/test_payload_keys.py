@@ -339,3 +339,24 @@ def test_both_keys_of_a_run_share_one_hash_tag() -> None:
     assert hash_tag(keys.stream(run_id)) == run_id
     assert hash_tag(keys.meta(run_id)) == run_id
     assert keys.meta(run_id) == keys.stream(run_id) + ":meta"
+
+
+@given(
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.booleans(),
+    st.sampled_from(("null", '"r"', None)),
+)
+def test_fill_ids_keeps_integers_orjson_cannot_hold_exactly(
+    big: int, nested: bool, run_id: str | None
+) -> None:
+    """orjson reads integers past 64 bits as floats: a payload holding one is rewritten with the
+    stdlib, and every integer keeps its exact value (found or not by the float pre-check)."""
+    value = f'{{"deep": [{big}]}}' if nested else str(big)
+    fields = [f'"n": {value}', '"seq_id": 0']
+    if run_id is not None:
+        fields.append(f'"run_id": {run_id}')
+    data = "{" + ", ".join(fields) + "}"
+    out = json.loads(fill_ids(data, parse_payload(data), 7, "run-x"))
+    assert out["n"] == json.loads(value)
+    assert out["seq_id"] == 7
+    assert out["run_id"] == ("r" if run_id == '"r"' else "run-x")
