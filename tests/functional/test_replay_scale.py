@@ -210,7 +210,10 @@ async def test_a_thousand_idle_readers_share_a_few_redis_connections(
             )
             + f"; commands over {window:.2f}s idle: {calls} = {rate:.2f}/s"
         )
-        assert all(len(c) <= MAX_CONNECTIONS + 2 for c in connections.values()), connections
+        # The pool, the live tail and the cancel subscription; on a cluster one node also holds
+        # the connection redis-py's cluster client keeps for the slot map (CLUSTER SLOTS).
+        bound = MAX_CONNECTIONS + 2 + isinstance(target.client, RedisCluster)
+        assert all(len(c) <= bound for c in connections.values()), connections
         assert rate <= 3.0, calls
 
         for gate in gates:
