@@ -253,20 +253,37 @@ class Replayer:
         stored: int,
     ) -> bool:
         """Stream from history, then live; True when the stream ended cleanly (nothing more)."""
-        while True:
-            entries = await self._store.entries_after(run_id, cursor, params.batch_size)
-            if entries:
-                stored = max(stored, entries[-1].seq)
-            contiguous = _contiguous(entries, cursor)
-            if contiguous:
-                cursor = contiguous[-1].seq
-                if await self._write(resp, contiguous, sent, live=False):
-                    return True
-            if len(contiguous) < len(entries):
-                await self._hole(resp, run_id, cursor, vanished=False)
-                return False
-            if len(entries) < params.batch_size:
-                break
+        batch = params.batch_size
+        # The next page is read while this one is written: in series, a catch-up waits a Redis
+        # round trip and a client write per page, and the sidecar sat idle half the time.
+        pending: asyncio.Task[list[Entry]] | None = None
+        try:
+            while True:
+                if pending is None:
+                    entries = await self._store.entries_after(run_id, cursor, batch)
+                else:
+                    entries, pending = await pending, None
+                if entries:
+                    stored = max(stored, entries[-1].seq)
+                contiguous = _contiguous(entries, cursor)
+                if contiguous:
+                    cursor = contiguous[-1].seq
+                    if len(entries) == batch == len(contiguous) and not contiguous[-1].complete:
+                        pending = asyncio.create_task(
+                            self._store.entries_after(run_id, cursor, batch)
+                        )
+                    if await self._write(resp, contiguous, sent, live=False):
+                        return True
+                if len(contiguous) < len(entries):
+                    await self._hole(resp, run_id, cursor, vanished=False)
+                    return False
+                if len(entries) < batch:
+                    break
+        finally:
+            if pending is not None:
+                # Its outcome (a page, or an error) is no longer wanted; retrieved, not logged.
+                pending.cancel()
+                pending.add_done_callback(_discard)
         sub = self._follower.subscribe(run_id, cursor, self._buffer_bytes, stored=stored)
         try:
             while True:
@@ -353,6 +370,11 @@ class Replayer:
         """Keep proxies between us and the reader from closing an idle stream."""
         async with asyncio.timeout(self._write_timeout):
             await resp.write(ping_event(run_id) if params.include_pings else PING_COMMENT)
+
+
+def _discard(task: asyncio.Task[list[Entry]]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _contiguous(entries: list[Entry], cursor: int) -> list[Entry]:

@@ -52,7 +52,7 @@ from sidecar.store.connect import (
     SentinelClients,
     connect,
 )
-from sidecar.store.entries import Entry, parse_entry, text
+from sidecar.store.entries import Entry, parse_entries, raw_reply, text
 from sidecar.store.errors import FOREIGN, POOL_EXHAUSTED, translate, unavailable
 from sidecar.store.meta import RunMeta
 from sidecar.store.tail import BlockingTail, LiveTail, TailListener
@@ -279,6 +279,8 @@ class RunStore:
             ),
         )
         self._redis: Redis | RedisCluster = self._clients.general
+        # Stream replies as sent, parsed once into entries (entries.py says why).
+        self._redis.set_response_callback("XRANGE", raw_reply)
         cluster = isinstance(self._clients, ClusterClients)
         self.tail_mode: TailMode = live_tail or ("pubsub" if cluster else "xread")
         if cluster and self.tail_mode == "xread":
@@ -647,7 +649,7 @@ class RunStore:
         """The seq of the oldest event still stored (older ones were trimmed or lost)."""
         async with self._command("read") as redis:
             head: Any = await redis.xrange(self.keys.stream(run_id), "-", "+", count=1)
-        return parse_entry(*head[0]).seq if head else None
+        return parse_entries(head)[0].seq if head else None
 
     async def entries_after(self, run_id: RunId, cursor: int, count: int) -> list[Entry]:
         """Up to ``count`` stored events with seq > ``cursor``, in order."""
@@ -655,7 +657,7 @@ class RunStore:
             page: Any = await redis.xrange(
                 self.keys.stream(run_id), f"({cursor}-0", "+", count=count
             )
-        return [parse_entry(entry_id, fields) for entry_id, fields in page]
+        return parse_entries(page)
 
     async def read_after(self, reads: Sequence[tuple[RunId, int]], count: int) -> list[list[Entry]]:
         """``entries_after`` for many runs in one pipelined round trip (one per node)."""
@@ -663,7 +665,7 @@ class RunStore:
             for run_id, cursor in reads:
                 pipe.xrange(self.keys.stream(run_id), f"({cursor}-0", "+", count=count)
             pages: list[Any] = await pipe.execute()
-        return [[parse_entry(i, f) for i, f in page] for page in pages]
+        return [parse_entries(page) for page in pages]
 
     async def length(self, run_id: RunId) -> int:
         """How many events of the run are stored."""

@@ -29,7 +29,7 @@ from sidecar.background import Background
 from sidecar.errors import StoreError
 from sidecar.keys import RunId
 from sidecar.store.connect import abort
-from sidecar.store.entries import Entry, parse_entry, text
+from sidecar.store.entries import Entry, parse_entries, raw_reply, text
 from sidecar.store.errors import FOREIGN
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class BlockingTail:
         # Not retried by redis-py: this loop retries on its own, and a read that fails at once
         # is how ``close`` (and a Sentinel failover) ends a blocked read.
         self._client: Redis = store.dedicated(socket_timeout=self.BLOCK_MS / 1000 + 5, retry=False)
+        self._client.set_response_callback("XREAD", raw_reply)  # parsed by parse_entries
         self._cursors: dict[RunId, int] = {}
         self._reading: Mapping[RunId, int] = {}  # what the read in flight covers
         self._changed = asyncio.Event()
@@ -167,9 +168,11 @@ class BlockingTail:
         finally:
             self._blocking = False
         out: dict[RunId, list[Entry]] = {}
-        for raw_key, entries in reply or ():
+        # RESP2 answers a list of [key, entries] pairs, RESP3 a map of key to entries.
+        streams = reply.items() if isinstance(reply, dict) else reply or ()
+        for raw_key, entries in streams:
             run_id = keys.run_id_of(text(raw_key))
-            out[run_id] = [parse_entry(entry_id, fields) for entry_id, fields in entries]
+            out[run_id] = parse_entries(entries)
         return out
 
     def _interrupt(self) -> None:
