@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,6 +29,25 @@ from sidecar.store import Entry, RunStore, backoff
 from sidecar.telemetry import Metrics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class Sink:
+    """A live reader's connection, written by the follower itself as entries arrive.
+
+    With 1,000 readers on a run, waking each reader's task to write what the tail delivered
+    cost a task switch, two timers and a write per reader per event (lag p99 ~330 ms on one
+    core). The follower instead frames the delivery once (HTTP chunked encoding, as aiohttp
+    would) and hands those bytes to every reader's transport in one pass; the reader's task
+    sleeps until something needs it (the end, a cut, a heartbeat). Only while the reader keeps
+    up: once bytes wait in the process for the kernel, entries queue for the reader's task as
+    before (bounded by ``max_bytes``, written under the write timeout).
+    """
+
+    transport: asyncio.WriteTransport
+    linked: dict[str, str] | None = None  # the reader's trace, for the lag's exemplars
+    events: int = 0  # entries written by the follower
+    last_write: float = 0.0  # loop time of the follower's last write
 
 
 @dataclass(eq=False, slots=True)
@@ -51,6 +71,7 @@ class Subscription:
     ended: bool = False
     closed: bool = False  # the sidecar is shutting down: the reader should end (and resume)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    sink: Sink | None = None  # written by the follower (Sink), else by the reader's task
 
     @property
     def broken(self) -> bool:
@@ -164,14 +185,55 @@ class Follower:
     # -- the tail's reports (TailListener) ---------------------------------------------------
 
     def deliver(self, run_id: RunId, after: int, entries: list[Entry]) -> None:
+        first, last = entries[0].seq, entries[-1]
+        # Written straight to the readers' connections (Sink) when the delivery is whole: each
+        # different tail of it framed once, whatever the number of readers at that cursor.
+        whole = last.seq - first == len(entries) - 1
+        frames: dict[int, bytes] = {}
+        now = asyncio.get_running_loop().time()
+        lag_s = [max(0.0, time.time() - e.timestamp_ms / 1000) for e in entries]
+        written = 0
         for sub in list(self._subs.get(run_id, ())):
             # A reader whose position this read did not cover (it joined with an older cursor
             # while the read was in flight) is not offered it: that would look like a gap. The
             # tail reads the run again from its position.
             if sub.position < after:
                 continue
-            for entry in entries:
-                sub.offer(entry)
+            sink = sub.sink
+            start = sub.cursor + 1 - first
+            if (
+                sink is None
+                or not whole
+                or not 0 <= start < len(entries)
+                or sub.entries
+                or sub.broken
+                or sub.ended
+                or sink.transport.is_closing()
+                # Bytes still wait in the process for the kernel: the reader is behind. Its
+                # task writes from now on, waiting for the client under the write timeout and
+                # bounded by max_bytes, and a cut leaves the client at an event boundary.
+                or sink.transport.get_write_buffer_size()
+            ):
+                for entry in entries:
+                    sub.offer(entry)
+                continue
+            frame = frames.get(start)
+            if frame is None:
+                body = b"".join(e.data for e in entries[start:])
+                frame = frames[start] = b"%x\r\n%b\r\n" % (len(body), body)
+            sink.transport.write(frame)
+            sink.events += len(entries) - start
+            sink.last_write = now
+            written += len(entries) - start
+            sub.cursor = sub.position = last.seq
+            observe = self._m.replay_delivery_lag.observe
+            for lag in lag_s[start:]:
+                observe(lag, sink.linked)
+            if last.complete:
+                sub.ended = True
+                sub.ready.set()
+        if written:
+            self._m.replay_events.inc(written)
 
     def failed(self, error: StoreError) -> None:
         self._m.redis_errors.labels("follow").inc()

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -29,7 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sidecar.auth import Grant
 from sidecar.client_out import reset
 from sidecar.errors import ApiError, BodyTimeout, RequestTooLarge, StoreError
-from sidecar.follow import Follower
+from sidecar.follow import Follower, Sink
 from sidecar.keys import RunId
 from sidecar.request_body import read_body
 from sidecar.runs import RunRegistry
@@ -190,6 +190,10 @@ class Replayer:
         if cursor < meta.last_seq:
             await self._check_retained(meta, cursor)
         resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Sidecar-Run-Id": run_id})
+        if request.version >= HttpVersion11:
+            # What aiohttp would choose anyway, said explicitly: the follower frames the live
+            # part's chunks itself (follow.Sink).
+            resp.enable_chunked_encoding()
         await resp.prepare(request)
         self._m.replay_requests.labels("ok").inc()
         self._m.replay_active.inc()
@@ -200,7 +204,9 @@ class Replayer:
         ) as span:
             sent = _Sent()
             try:
-                complete = await self._send_all(resp, run_id, cursor, params, sent, meta.last_seq)
+                complete = await self._send_all(
+                    resp, run_id, cursor, params, sent, meta.last_seq, request.transport
+                )
             except TimeoutError as exc:
                 # A write that waited write_timeout: the reader stopped reading.
                 sent.slow = True
@@ -251,6 +257,7 @@ class Replayer:
         params: ReplayParams,
         sent: _Sent,
         stored: int,
+        transport: asyncio.Transport | None,
     ) -> bool:
         """Stream from history, then live; True when the stream ended cleanly (nothing more)."""
         batch = params.batch_size
@@ -285,6 +292,9 @@ class Replayer:
                 pending.cancel()
                 pending.add_done_callback(_discard)
         sub = self._follower.subscribe(run_id, cursor, self._buffer_bytes, stored=stored)
+        if resp.chunked and transport is not None:
+            sub.sink = Sink(transport, linked=exemplar())
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
@@ -293,7 +303,9 @@ class Replayer:
                     async with asyncio.timeout(self._heartbeat):
                         await sub.ready.wait()
                 except TimeoutError:
-                    await self._heartbeat_ping(resp, run_id, params)
+                    # A ping only after heartbeat seconds with nothing written.
+                    if sub.sink is None or loop.time() - sub.sink.last_write >= self._heartbeat:
+                        await self._heartbeat_ping(resp, run_id, params)
                     continue
                 entries = sub.take()
                 if entries:
@@ -319,6 +331,8 @@ class Replayer:
                     return False
         finally:
             self._follower.unsubscribe(sub)
+            if sub.sink is not None:
+                sent.events += sub.sink.events
 
     async def _hole(
         self, resp: web.StreamResponse, run_id: RunId, cursor: int, *, vanished: bool
