@@ -47,6 +47,7 @@ class Sink:
     transport: asyncio.WriteTransport
     linked: dict[str, str] | None = None  # the reader's trace, for the lag's exemplars
     events: int = 0  # entries written by the follower
+    cursor: int = 0  # the last seq the follower wrote
     last_write: float = 0.0  # loop time of the follower's last write
 
 
@@ -208,6 +209,7 @@ class Follower:
                 or sub.entries
                 or sub.broken
                 or sub.ended
+                or sub.closed
                 or sink.transport.is_closing()
                 # Bytes still wait in the process for the kernel: the reader is behind. Its
                 # task writes from now on, waiting for the client under the write timeout and
@@ -223,6 +225,7 @@ class Follower:
                 frame = frames[start] = b"%x\r\n%b\r\n" % (len(body), body)
             sink.transport.write(frame)
             sink.events += len(entries) - start
+            sink.cursor = last.seq
             sink.last_write = now
             written += len(entries) - start
             sub.cursor = sub.position = last.seq

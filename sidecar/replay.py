@@ -307,6 +307,8 @@ class Replayer:
                     if sub.sink is None or loop.time() - sub.sink.last_write >= self._heartbeat:
                         await self._heartbeat_ping(resp, run_id, params)
                     continue
+                if sub.sink is not None:
+                    cursor = max(cursor, sub.sink.cursor)  # what the follower wrote for it
                 entries = sub.take()
                 if entries:
                     cursor = entries[-1].seq
