@@ -324,6 +324,14 @@ async def sidecar(make_sidecar: SidecarFactory, redis_client: redis.asyncio.Redi
 
 
 @pytest.fixture
+async def demo_sidecar(
+    make_sidecar: SidecarFactory, demo_upstream: str, redis_client: redis.asyncio.Redis
+) -> Sidecar:
+    """A sidecar in front of the demo LLM service (the dialect and SDK tests)."""
+    return await make_sidecar(upstream_url=demo_upstream)
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session

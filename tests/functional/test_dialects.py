@@ -32,19 +32,12 @@ from tests.functional.test_replicas import ReplicaFactory, replicas  # noqa: F40
 P = "sse_sidecar_"
 
 
-@pytest.fixture
-async def sc(
-    make_sidecar: SidecarFactory, demo_upstream: str, redis_client: redis.asyncio.Redis
-) -> Sidecar:
-    return await make_sidecar(upstream_url=demo_upstream)
-
-
 async def generic_run(
-    http: aiohttp.ClientSession, sc: Sidecar, scenario: str
+    http: aiohttp.ClientSession, demo_sidecar: Sidecar, scenario: str
 ) -> tuple[RunId, bytes, BaseException | None]:
     """A demo ``GET /v1/events`` stream through the sidecar: its run id, the bytes the client got,
     and how its response ended (None: cleanly)."""
-    url = f"{sc.url}/v1/events?scenario={scenario}&tokens=3&delay_ms=0"
+    url = f"{demo_sidecar.url}/v1/events?scenario={scenario}&tokens=3&delay_ms=0"
     async with http.get(url) as resp:
         assert resp.status == 200
         reader = LiveReader(resp)
@@ -59,12 +52,12 @@ EVENTS = b"id: 1\ndata: Server-sent\n\nid: 2\ndata: events\n\nid: 3\ndata: carry
 
 
 async def test_generic_clean_close_is_a_natural_end_stored_with_an_end_without_bytes(
-    sc: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
+    demo_sidecar: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
 ) -> None:
-    run_id, body, cut = await generic_run(http, sc, "normal")
+    run_id, body, cut = await generic_run(http, demo_sidecar, "normal")
     assert cut is None
     assert body == EVENTS  # nothing appended
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert [r["data"] for r in run.rows] == [*(e.decode() + "\n\n" for e in
                                               EVENTS.split(b"\n\n")[:3]), ""]  # fmt: skip
     assert (run.meta["status"], run.meta["forced_done"], run.meta["dialect"]) == (
@@ -74,14 +67,18 @@ async def test_generic_clean_close_is_a_natural_end_stored_with_an_end_without_b
     )
     assert run.meta["silent_end"] == "true"
     assert "error" not in run.meta
-    assert forced_total(sc) == 0
-    assert sc.metric(P + "runs_finished_total", dialect="generic", status="completed") == 1
+    assert forced_total(demo_sidecar) == 0
+    assert (
+        demo_sidecar.metric(P + "runs_finished_total", dialect="generic", status="completed") == 1
+    )
     # A replay ends at the stored end; a reader at the last event is told there is no more.
-    async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}/stream") as resp:
+    async with http.get(f"{demo_sidecar.url}/sidecar/v1/runs/{run_id}/stream") as resp:
         assert await resp.read() == EVENTS
     for cursor in ("3", "4"):
         headers = {"Last-Event-ID": cursor}
-        async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}/stream", headers=headers) as r:
+        async with http.get(
+            f"{demo_sidecar.url}/sidecar/v1/runs/{run_id}/stream", headers=headers
+        ) as r:
             assert r.status == 204
 
 
@@ -89,45 +86,45 @@ async def test_generic_clean_close_is_a_natural_end_stored_with_an_end_without_b
     ("scenario", "reason"), [("reset", "upstream_error"), ("truncated", "stream_incomplete")]
 )
 async def test_generic_failure_cuts_the_client_and_appends_nothing(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     http: aiohttp.ClientSession,
     redis_client: redis.asyncio.Redis,
     scenario: str,
     reason: str,
 ) -> None:
-    run_id, body, cut = await generic_run(http, sc, scenario)
+    run_id, body, cut = await generic_run(http, demo_sidecar, scenario)
     # The upstream's failure, shown as the upstream showed it: a broken response, not an end.
     assert isinstance(cut, aiohttp.ClientPayloadError)
     assert body == EVENTS
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert run.rows[-1]["data"] == ""
     assert (run.meta["status"], run.meta["forced_done"]) == ("failed", reason)
     error = json.loads(run.meta["error"])
     assert error["type"] == reason
     assert error["message"].startswith(f"sse-sidecar: {reason}: ")
-    assert sc.metric(P + "forced_done_total", reason=reason, dialect="generic") == 1
-    assert forced_total(sc) == 1
+    assert demo_sidecar.metric(P + "forced_done_total", reason=reason, dialect="generic") == 1
+    assert forced_total(demo_sidecar) == 1
 
 
 async def test_generic_done_is_its_own_end(
-    sc: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
+    demo_sidecar: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
 ) -> None:
-    run_id, body, cut = await generic_run(http, sc, "done")
+    run_id, body, cut = await generic_run(http, demo_sidecar, "done")
     assert cut is None
     assert body == EVENTS + b"id: 4\ndata: [DONE]\n\n"
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert run.rows[-1]["data"] == "id: 4\ndata: [DONE]\n\n"
     assert "silent_end" not in run.meta
     assert (run.meta["status"], run.meta["forced_done"]) == ("completed", "")
 
 
 async def test_an_eventsource_on_a_cut_generic_run_resumes_once_and_stops(
-    sc: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
+    demo_sidecar: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
 ) -> None:
-    run_id, _, cut = await generic_run(http, sc, "reset")
+    run_id, _, cut = await generic_run(http, demo_sidecar, "reset")
     assert cut is not None
-    await stored_run(sc, redis_client, run_id)
-    source = EventSource(http, f"{sc.url}/sidecar/v1/runs/{run_id}/stream")
+    await stored_run(demo_sidecar, redis_client, run_id)
+    source = EventSource(http, f"{demo_sidecar.url}/sidecar/v1/runs/{run_id}/stream")
     async with asyncio.timeout(10):
         await source.run()
     assert [e.data for e in source.events] == ["Server-sent", "events", "carry"]
@@ -156,13 +153,13 @@ async def test_a_run_without_any_event_ends_in_its_path_s_dialect(
     dialect: str,
     last: str,
 ) -> None:
-    sc = await make_sidecar()
+    demo_sidecar = await make_sidecar()
     upstream.sse(path, [b": just a comment\n\n", RESET])
-    async with http.post(sc.url + path, json={}) as resp:
+    async with http.post(demo_sidecar.url + path, json={}) as resp:
         with pytest.raises(aiohttp.ClientPayloadError) if dialect == "generic" else _nothing():
             await resp.read()
         run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert run.meta["dialect"] == dialect
     assert run.meta["forced_done"] == "upstream_error"
     events = run.events
@@ -170,8 +167,8 @@ async def test_a_run_without_any_event_ends_in_its_path_s_dialect(
         assert events == []
     else:
         assert (events[-1].data if last == "[DONE]" else events[-1].event) == last
-    assert sc.metric(P + "runs_started_total", dialect=dialect) == 1
-    assert sc.metric(P + "runs_finished_total", dialect=dialect) == 1
+    assert demo_sidecar.metric(P + "runs_started_total", dialect=dialect) == 1
+    assert demo_sidecar.metric(P + "runs_finished_total", dialect=dialect) == 1
 
 
 class _nothing:
@@ -197,25 +194,25 @@ async def test_a_route_override_beats_the_global_dialect(
     http: aiohttp.ClientSession,
 ) -> None:
     # Letta everywhere, but this custom path speaks Anthropic's events.
-    sc = await make_sidecar(dialect="letta", dialect_routes="/llm/*/messages=anthropic")
+    demo_sidecar = await make_sidecar(dialect="letta", dialect_routes="/llm/*/messages=anthropic")
     upstream.sse("/llm/claude/messages", anthropic_steps())
     upstream.sse("/other", [data({"type": "message_start", "message": {"id": "msg_x"}})])
-    async with http.post(sc.url + "/llm/claude/messages", json={}) as resp:
+    async with http.post(demo_sidecar.url + "/llm/claude/messages", json={}) as resp:
         routed = ClientView(resp.status, dict(resp.headers), await resp.read())
-    async with http.post(sc.url + "/other", json={}) as resp:
+    async with http.post(demo_sidecar.url + "/other", json={}) as resp:
         letta = ClientView(resp.status, dict(resp.headers), await resp.read())
     assert routed.events[-1].event == "error"
     assert json.loads(routed.events[-1].data or "")["error"]["type"] == "api_error"
     assert letta.events[-1].data == "[DONE]"
-    run = await stored_run(sc, redis_client, routed.run_id)
+    run = await stored_run(demo_sidecar, redis_client, routed.run_id)
     assert (run.meta["dialect"], run.meta["protocol_id"]) == ("anthropic", "msg_routed")
-    assert (await stored_run(sc, redis_client, letta.run_id)).meta["dialect"] == "letta"
-    assert sc.metric(P + "runs_started_total", dialect="anthropic") == 1
-    assert sc.metric(P + "runs_started_total", dialect="letta") == 1
+    assert (await stored_run(demo_sidecar, redis_client, letta.run_id)).meta["dialect"] == "letta"
+    assert demo_sidecar.metric(P + "runs_started_total", dialect="anthropic") == 1
+    assert demo_sidecar.metric(P + "runs_started_total", dialect="letta") == 1
 
 
 async def test_runs_started_and_finished_pair_per_dialect(
-    sc: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
+    demo_sidecar: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
 ) -> None:
     routes = {
         "letta": "/v1/agents/a/messages/stream",
@@ -225,17 +222,21 @@ async def test_runs_started_and_finished_pair_per_dialect(
     }
     for path in routes.values():
         for scenario in ("normal", "dies"):
-            async with http.post(f"{sc.url}{path}?scenario={scenario}&delay_ms=0", json={}) as r:
+            async with http.post(
+                f"{demo_sidecar.url}{path}?scenario={scenario}&delay_ms=0", json={}
+            ) as r:
                 await r.read()
-    await generic_run(http, sc, "normal")
-    await generic_run(http, sc, "reset")
-    await sc.flushed()
+    await generic_run(http, demo_sidecar, "normal")
+    await generic_run(http, demo_sidecar, "reset")
+    await demo_sidecar.flushed()
     for dialect in Dialect:
-        assert sc.metric(P + "runs_started_total", dialect=dialect.value) == 2, dialect
-        assert sc.metric(P + "runs_finished_total", dialect=dialect.value) == 2, dialect
+        assert demo_sidecar.metric(P + "runs_started_total", dialect=dialect.value) == 2, dialect
+        assert demo_sidecar.metric(P + "runs_finished_total", dialect=dialect.value) == 2, dialect
         forced = "upstream_error" if dialect is Dialect.GENERIC else "stream_incomplete"
-        assert sc.metric(P + "forced_done_total", dialect=dialect.value) == 1, dialect
-        assert sc.metric(P + "forced_done_total", dialect=dialect.value, reason=forced) == 1
+        assert demo_sidecar.metric(P + "forced_done_total", dialect=dialect.value) == 1, dialect
+        assert (
+            demo_sidecar.metric(P + "forced_done_total", dialect=dialect.value, reason=forced) == 1
+        )
 
 
 # -- the orphan finalizer, in the run's dialect ---------------------------------------------
@@ -340,23 +341,23 @@ async def test_cancel_by_protocol_id_ends_the_run_in_its_dialect(
     dialect: str,
     protocol_id: str,
 ) -> None:
-    sc = await make_sidecar()
+    demo_sidecar = await make_sidecar()
     gate = Gate()
     upstream.sse(path, chat_steps(gate) if dialect == "openai-chat" else anthropic_steps(gate))
-    async with http.post(sc.url + path, json={}) as resp:
+    async with http.post(demo_sidecar.url + path, json={}) as resp:
         live = LiveReader(resp)
         await live.until(1)
         await gate.reached.wait()
         await eventually(
             lambda: _exists(redis_client, f"sse:run:alias:{{{protocol_id}}}"), what="the alias"
         )
-        async with http.post(f"{sc.url}/sidecar/v1/runs/{protocol_id}/cancel") as cancel:
+        async with http.post(f"{demo_sidecar.url}/sidecar/v1/runs/{protocol_id}/cancel") as cancel:
             assert cancel.status == 200
             answer = await cancel.json()
         # The answer is the run's stored end, not its state before the terminal landed.
         assert (answer["status"], answer["forced_done"]) == ("cancelled", "cancelled")
         body = await live.rest()
-    run = await stored_run(sc, redis_client, RunId(answer["run_id"]))
+    run = await stored_run(demo_sidecar, redis_client, RunId(answer["run_id"]))
     assert (run.meta["status"], run.meta["forced_done"], run.meta["dialect"]) == (
         "cancelled",
         "cancelled",
@@ -383,16 +384,16 @@ async def test_a_per_run_token_reads_its_run_by_protocol_id_and_only_its_own(
     redis_client: redis.asyncio.Redis,
     http: aiohttp.ClientSession,
 ) -> None:
-    sc = await make_sidecar(upstream_url=demo_upstream, signing_key="k")
+    demo_sidecar = await make_sidecar(upstream_url=demo_upstream, signing_key="k")
     tokens = {}
     for demo_id in ("one", "two"):
-        url = f"{sc.url}/v1/chat/completions?delay_ms=0"
+        url = f"{demo_sidecar.url}/v1/chat/completions?delay_ms=0"
         async with http.post(url, json={}, headers={"X-Demo-Id": demo_id}) as resp:
             await resp.read()
             tokens[demo_id] = resp.headers["X-Sidecar-Replay-Token"]
-    await sc.flushed()
+    await demo_sidecar.flushed()
     await eventually(lambda: _exists(redis_client, "sse:run:alias:{chatcmpl-two}"), what="alias")
-    status_url = f"{sc.url}/sidecar/v1/runs/chatcmpl-one"
+    status_url = f"{demo_sidecar.url}/sidecar/v1/runs/chatcmpl-one"
     for headers, code in (
         ({"Authorization": f"Bearer {tokens['one']}"}, 200),
         ({"Authorization": f"Bearer {tokens['two']}"}, 403),
@@ -401,31 +402,35 @@ async def test_a_per_run_token_reads_its_run_by_protocol_id_and_only_its_own(
         async with http.get(status_url, headers=headers) as resp:
             assert resp.status == code, headers
     # The Responses resume route checks the same tokens (the openai SDK sends its api_key).
-    async with http.post(f"{sc.url}/v1/responses?delay_ms=0", json={},
+    async with http.post(f"{demo_sidecar.url}/v1/responses?delay_ms=0", json={},
                          headers={"X-Demo-Id": "three"}) as resp:  # fmt: skip
         await resp.read()
         token = resp.headers["X-Sidecar-Replay-Token"]
-    await sc.flushed()
+    await demo_sidecar.flushed()
     await eventually(lambda: _exists(redis_client, "sse:run:alias:{resp_three}"), what="alias")
-    async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key=token, max_retries=0) as ok:
+    async with openai.AsyncOpenAI(
+        base_url=demo_sidecar.url + "/v1", api_key=token, max_retries=0
+    ) as ok:
         events = [e async for e in await ok.responses.retrieve("resp_three", stream=True)]
         assert events[-1].type == "response.completed"
-    async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="nope", max_retries=0) as bad:
+    async with openai.AsyncOpenAI(
+        base_url=demo_sidecar.url + "/v1", api_key="nope", max_retries=0
+    ) as bad:
         with pytest.raises(openai.AuthenticationError):
             await bad.responses.retrieve("resp_three", stream=True)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
 async def test_an_eventsource_whose_connection_drops_gets_every_event_once(
-    sc: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis, path: str
+    demo_sidecar: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis, path: str
 ) -> None:
     """Any dialect's run: the replay route resumes with Last-Event-ID, every event once, then
     204 stops the EventSource after the run's own terminal."""
-    async with http.post(f"{sc.url}{path}?delay_ms=0&tokens=6", json={}) as resp:
+    async with http.post(f"{demo_sidecar.url}{path}?delay_ms=0&tokens=6", json={}) as resp:
         live = ClientView(resp.status, dict(resp.headers), await resp.read())
-    await stored_run(sc, redis_client, live.run_id)
+    await stored_run(demo_sidecar, redis_client, live.run_id)
     source = EventSource(
-        http, f"{sc.url}/sidecar/v1/runs/{live.run_id}/stream", drop_after={2, 5, 6}
+        http, f"{demo_sidecar.url}/sidecar/v1/runs/{live.run_id}/stream", drop_after={2, 5, 6}
     )
     async with asyncio.timeout(10):
         await source.run()

@@ -20,7 +20,7 @@ import redis.asyncio
 from anthropic.types import Message, RawMessageStreamEvent
 
 from sidecar.keys import RunId
-from tests.conftest import Sidecar, SidecarFactory
+from tests.conftest import Sidecar
 from tests.functional.helpers import forced_total, stored_run
 
 REQUEST: dict[str, Any] = {
@@ -31,15 +31,8 @@ REQUEST: dict[str, Any] = {
 
 
 @pytest.fixture
-async def sc(
-    make_sidecar: SidecarFactory, demo_upstream: str, redis_client: redis.asyncio.Redis
-) -> Sidecar:
-    return await make_sidecar(upstream_url=demo_upstream)
-
-
-@pytest.fixture
-async def via_sidecar(sc: Sidecar) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic.AsyncAnthropic(base_url=sc.url, api_key="k", max_retries=0) as c:
+async def via_sidecar(demo_sidecar: Sidecar) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic.AsyncAnthropic(base_url=demo_sidecar.url, api_key="k", max_retries=0) as c:
         yield c
 
 
@@ -92,7 +85,7 @@ async def final_message(
 
 
 async def test_a_healthy_message_is_the_same_completed_and_not_forced(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: anthropic.AsyncAnthropic,
     direct: anthropic.AsyncAnthropic,
     redis_client: redis.asyncio.Redis,
@@ -106,7 +99,7 @@ async def test_a_healthy_message_is_the_same_completed_and_not_forced(
     assert got_text == want_text == ["Server-sent ", "events ", "carry ", "an ", "answer "]
     assert (got.id, got.stop_reason) == (f"msg_{demo_id}", "end_turn")
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "completed",
         "end_turn",
@@ -115,7 +108,7 @@ async def test_a_healthy_message_is_the_same_completed_and_not_forced(
     assert (run.meta["dialect"], run.meta["protocol_id"]) == ("anthropic", f"msg_{demo_id}")
     assert [e.event for e in run.events][-1] == "message_stop"
     assert [e.event for e in run.events].count("message_stop") == 1
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
 
     # The raw stream too: every event the same, in order.
     run_id, demo_id = ids()
@@ -124,12 +117,12 @@ async def test_a_healthy_message_is_the_same_completed_and_not_forced(
     assert want_exc is None
     assert got_exc is None
     assert [e.model_dump() for e in got_events] == [e.model_dump() for e in want_events]
-    assert forced_total(sc) == 0
-    assert sc.metric("sse_sidecar_runs_finished_total", dialect="anthropic") == 2
+    assert forced_total(demo_sidecar) == 0
+    assert demo_sidecar.metric("sse_sidecar_runs_finished_total", dialect="anthropic") == 2
 
 
 async def test_an_upstream_error_event_raises_the_same_error_and_ends_the_message(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: anthropic.AsyncAnthropic,
     direct: anthropic.AsyncAnthropic,
     redis_client: redis.asyncio.Redis,
@@ -143,21 +136,25 @@ async def test_an_upstream_error_event_raises_the_same_error_and_ends_the_messag
     assert got_exc.body == want_exc.body
     assert [e.model_dump() for e in got_events] == [e.model_dump() for e in want_events]
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     # The error event is the upstream's own terminal for a failed message: natural, not forced.
     assert (run.meta["status"], run.meta["forced_done"]) == ("failed", "")
     assert json.loads(run.meta["error"]) == {"type": "overloaded_error", "message": "Overloaded"}
     assert run.events[-1].event == "error"
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
     P = "sse_sidecar_stream_transitions_total"
-    assert sc.metric(P, transition="saw_error") == sc.metric(P, transition="saw_done") == 1
+    assert (
+        demo_sidecar.metric(P, transition="saw_error")
+        == demo_sidecar.metric(P, transition="saw_done")
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
     ("scenario", "reason"), [("dies", "stream_incomplete"), ("reset", "upstream_error")]
 )
 async def test_a_message_that_dies_raises_api_status_error_with_the_forced_reason(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: anthropic.AsyncAnthropic,
     direct: anthropic.AsyncAnthropic,
     redis_client: redis.asyncio.Redis,
@@ -176,7 +173,7 @@ async def test_a_message_that_dies_raises_api_status_error_with_the_forced_reaso
     assert got.body["error"]["type"] == "api_error"
     assert got.body["error"]["message"].startswith(f"sse-sidecar: {reason}: ")
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["forced_done"]) == ("failed", reason)
     assert json.loads(run.meta["error"]) == got.body["error"]
     # One terminal, last: the appended error event; no message_stop, nothing after it.
@@ -184,18 +181,21 @@ async def test_a_message_that_dies_raises_api_status_error_with_the_forced_reaso
     assert json.loads(run.events[-1].data or "") == got.body
     assert [e.event for e in run.events].count("error") == 1
     assert "message_stop" not in [e.event for e in run.events]
-    assert sc.metric("sse_sidecar_forced_done_total", reason=reason, dialect="anthropic") == 1
-    assert forced_total(sc) == 1
+    assert (
+        demo_sidecar.metric("sse_sidecar_forced_done_total", reason=reason, dialect="anthropic")
+        == 1
+    )
+    assert forced_total(demo_sidecar) == 1
 
 
 async def test_a_stop_reason_without_message_stop_gets_only_its_message_stop(
-    sc: Sidecar, via_sidecar: anthropic.AsyncAnthropic, redis_client: redis.asyncio.Redis
+    demo_sidecar: Sidecar, via_sidecar: anthropic.AsyncAnthropic, redis_client: redis.asyncio.Redis
 ) -> None:
     run_id, demo_id = ids()
     _, got = await final_message(via_sidecar, "stop_no_done", run_id, demo_id)
     assert isinstance(got, Message)
     assert got.stop_reason == "end_turn"
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "completed",
         "end_turn",

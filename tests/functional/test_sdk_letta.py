@@ -32,15 +32,8 @@ PROMPT = "Tell me about server-sent events."
 
 
 @pytest.fixture
-async def sc(
-    make_sidecar: SidecarFactory, demo_upstream: str, redis_client: redis.asyncio.Redis
-) -> Sidecar:
-    return await make_sidecar(upstream_url=demo_upstream)
-
-
-@pytest.fixture
-async def via_sidecar(sc: Sidecar) -> AsyncIterator[AsyncLetta]:
-    async with AsyncLetta(base_url=sc.url, api_key="k", max_retries=0) as client:
+async def via_sidecar(demo_sidecar: Sidecar) -> AsyncIterator[AsyncLetta]:
+    async with AsyncLetta(base_url=demo_sidecar.url, api_key="k", max_retries=0) as client:
         yield client
 
 
@@ -81,7 +74,7 @@ def without_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_a_healthy_stream_is_the_same_but_for_the_filled_ids(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: AsyncLetta,
     direct: AsyncLetta,
     redis_client: redis.asyncio.Redis,
@@ -95,18 +88,18 @@ async def test_a_healthy_stream_is_the_same_but_for_the_filled_ids(
     assert [i.get("seq_id") for i in got] == list(range(1, len(got) + 1))
     assert {i.get("run_id") for i in got} == {run_id}
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "completed",
         "end_turn",
         "",
     )
     assert run.meta["dialect"] == "letta"
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
 
 
 async def test_an_upstream_error_raises_the_same_error_and_is_not_forced(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: AsyncLetta,
     direct: AsyncLetta,
     redis_client: redis.asyncio.Redis,
@@ -122,21 +115,21 @@ async def test_an_upstream_error_raises_the_same_error_and_is_not_forced(
     assert without_ids([got_exc.body]) == without_ids([want_exc.body])
     assert without_ids(got) == without_ids(want)
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "failed",
         "llm_api_error",
         "",
     )
     assert json.loads(run.meta["error"])["error_type"] == "llm_error"
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
 
 
 @pytest.mark.parametrize(
     ("scenario", "reason"), [("dies", "stream_incomplete"), ("reset", "upstream_error")]
 )
 async def test_a_stream_that_dies_raises_its_error_event_with_the_forced_reason(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: AsyncLetta,
     redis_client: redis.asyncio.Redis,
     scenario: str,
@@ -150,11 +143,11 @@ async def test_a_stream_that_dies_raises_its_error_event_with_the_forced_reason(
     assert got[-1] == {"message_type": "stop_reason", "stop_reason": "error",
                        "seq_id": len(got), "run_id": run_id}  # fmt: skip
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["forced_done"]) == ("failed", reason)
     assert run.events[-1].data == "[DONE]"
     assert [e.data for e in run.events].count("[DONE]") == 1
-    assert forced_total(sc) == 1
+    assert forced_total(demo_sidecar) == 1
 
 
 # -- resume after the seq_id the client saw -------------------------------------------------
@@ -196,10 +189,10 @@ async def test_resuming_after_the_seq_id_seen_gives_every_event_exactly_once(
     first: int,
     pings: bool,
 ) -> None:
-    sc = await make_sidecar()
+    demo_sidecar = await make_sidecar()
     steps = numbered_stream(first, pings)
     upstream.sse(ROUTE, steps)
-    async with AsyncLetta(base_url=sc.url, api_key="k", max_retries=0) as client:
+    async with AsyncLetta(base_url=demo_sidecar.url, api_key="k", max_retries=0) as client:
         for cut in (4, 7, 20, 30):
             run_id, _ = ids()
             # The live client reads `cut` items, keeps the last seq_id it saw, and drops.
@@ -215,7 +208,7 @@ async def test_resuming_after_the_seq_id_seen_gives_every_event_exactly_once(
                 if len(live) == cut:
                     break
             await stream.close()
-            await sc.flushed()
+            await demo_sidecar.flushed()
             seen = live[-1].to_dict()
             # The client resumes with what it saw: the upstream's own run id (the sidecar finds
             # the run by it) and the seq_id.

@@ -32,15 +32,10 @@ REQUEST: dict[str, Any] = {
 
 
 @pytest.fixture
-async def sc(
-    make_sidecar: SidecarFactory, demo_upstream: str, redis_client: redis.asyncio.Redis
-) -> Sidecar:
-    return await make_sidecar(upstream_url=demo_upstream)
-
-
-@pytest.fixture
-async def via_sidecar(sc: Sidecar) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="k", max_retries=0) as c:
+async def via_sidecar(demo_sidecar: Sidecar) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=demo_sidecar.url + "/v1", api_key="k", max_retries=0
+    ) as c:
         yield c
 
 
@@ -80,7 +75,7 @@ async def chunks(
 
 
 async def test_a_healthy_stream_is_the_same_and_completed_and_nothing_is_forced(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     direct: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
@@ -96,7 +91,7 @@ async def test_a_healthy_stream_is_the_same_and_completed_and_nothing_is_forced(
     )
     assert got[-1].usage is not None
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "completed",
         "stop",
@@ -107,15 +102,15 @@ async def test_a_healthy_stream_is_the_same_and_completed_and_nothing_is_forced(
     assert "error" not in run.meta
     assert [e.data for e in run.events].count("[DONE]") == 1
     assert run.events[-1].data == "[DONE]"
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
     P = "sse_sidecar_"
-    assert sc.metric(P + "runs_started_total", dialect="openai-chat") == 1
-    assert sc.metric(P + "runs_finished_total", dialect="openai-chat", status="completed",
+    assert demo_sidecar.metric(P + "runs_started_total", dialect="openai-chat") == 1
+    assert demo_sidecar.metric(P + "runs_finished_total", dialect="openai-chat", status="completed",
                      stop_reason="stop") == 1  # fmt: skip
 
 
 async def test_an_upstream_error_raises_the_same_error_is_stored_and_is_not_forced(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     direct: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
@@ -129,21 +124,26 @@ async def test_an_upstream_error_raises_the_same_error_is_stored_and_is_not_forc
     assert (got_exc.message, got_exc.body) == (want_exc.message, want_exc.body)
     assert [c.model_dump() for c in got] == [c.model_dump() for c in want]
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["forced_done"]) == ("failed", "")
     assert run.meta["stop_reason"] == ""
     error = {"message": "The model is overloaded", "type": "server_error", "param": None}
     assert json.loads(run.meta["error"]) == {**error, "code": "overloaded"}
     assert run.events[-1].data == "[DONE]"
-    assert forced_total(sc) == 0
-    assert sc.metric("sse_sidecar_stream_transitions_total", transition="saw_done_after_error") == 1
+    assert forced_total(demo_sidecar) == 0
+    assert (
+        demo_sidecar.metric(
+            "sse_sidecar_stream_transitions_total", transition="saw_done_after_error"
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
     ("scenario", "reason"), [("dies", "stream_incomplete"), ("reset", "upstream_error")]
 )
 async def test_a_stream_that_dies_raises_api_error_with_the_forced_reason(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     direct: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
@@ -166,7 +166,7 @@ async def test_a_stream_that_dies_raises_api_error_with_the_forced_reason(
     assert exc.message.startswith(f"sse-sidecar: {reason}: ")
     assert [c.model_dump() for c in got] == [c.model_dump() for c in want]
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["forced_done"]) == ("failed", reason)
     assert json.loads(run.meta["error"]) == exc.body
     # One terminal, last: the error chunk, then the only [DONE].
@@ -175,12 +175,15 @@ async def test_a_stream_that_dies_raises_api_error_with_the_forced_reason(
         "[DONE]",
     ]
     assert [e.data for e in run.events].count("[DONE]") == 1
-    assert sc.metric("sse_sidecar_forced_done_total", reason=reason, dialect="openai-chat") == 1
-    assert forced_total(sc) == 1
+    assert (
+        demo_sidecar.metric("sse_sidecar_forced_done_total", reason=reason, dialect="openai-chat")
+        == 1
+    )
+    assert forced_total(demo_sidecar) == 1
 
 
 async def test_a_finish_reason_without_done_gets_only_its_done(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
 ) -> None:
@@ -188,7 +191,7 @@ async def test_a_finish_reason_without_done_gets_only_its_done(
     got, exc = await chunks(via_sidecar, "stop_no_done", run_id, demo_id)
     assert exc is None
     assert got[-1].usage is not None
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "completed",
         "stop",
@@ -199,13 +202,13 @@ async def test_a_finish_reason_without_done_gets_only_its_done(
 
 
 async def test_the_run_is_found_by_its_chatcmpl_id(
-    sc: Sidecar, via_sidecar: openai.AsyncOpenAI, redis_client: redis.asyncio.Redis
+    demo_sidecar: Sidecar, via_sidecar: openai.AsyncOpenAI, redis_client: redis.asyncio.Redis
 ) -> None:
     run_id, demo_id = ids()
     await chunks(via_sidecar, "normal", run_id, demo_id)
-    await stored_run(sc, redis_client, run_id)
+    await stored_run(demo_sidecar, redis_client, run_id)
     by_protocol = await via_sidecar.get(
-        f"{sc.url}/sidecar/v1/runs/chatcmpl-{demo_id}", cast_to=object
+        f"{demo_sidecar.url}/sidecar/v1/runs/chatcmpl-{demo_id}", cast_to=object
     )
     assert isinstance(by_protocol, dict)
     assert by_protocol["run_id"] == run_id
@@ -221,7 +224,7 @@ async def test_keepalive_comments_do_not_break_the_sdk(
     """Servers send ``: keep-alive`` comments between chunks. The sidecar adds ``id:`` lines,
     and the SDK's decoder keeps the last id across events: a comment followed by a blank line
     would then dispatch an event with empty data, which the SDK cannot parse as JSON."""
-    sc = await make_sidecar()
+    demo_sidecar = await make_sidecar()
     chunk = {"id": "chatcmpl-k", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 
     def delta(text: str, finish: str | None = None) -> bytes:
@@ -232,7 +235,9 @@ async def test_keepalive_comments_do_not_break_the_sdk(
         "/v1/chat/completions",
         [delta("a"), b": keep-alive\n\n", delta("b"), b": keep-alive\n\n", delta("", "stop"), DONE],
     )
-    async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="k", max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=demo_sidecar.url + "/v1", api_key="k", max_retries=0
+    ) as client:
         stream = await client.chat.completions.create(**REQUEST)
         got = [c.choices[0].delta.content async for c in stream]
     assert got == ["a", "b", ""]

@@ -37,15 +37,10 @@ REQUEST: dict[str, Any] = {"model": "demo-llm-1", "input": "Tell me about server
 
 
 @pytest.fixture
-async def sc(
-    make_sidecar: SidecarFactory, demo_upstream: str, redis_client: redis.asyncio.Redis
-) -> Sidecar:
-    return await make_sidecar(upstream_url=demo_upstream)
-
-
-@pytest.fixture
-async def via_sidecar(sc: Sidecar) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="k", max_retries=0) as c:
+async def via_sidecar(demo_sidecar: Sidecar) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=demo_sidecar.url + "/v1", api_key="k", max_retries=0
+    ) as c:
         yield c
 
 
@@ -103,7 +98,7 @@ def dumps(events: list[ResponseStreamEvent]) -> list[dict[str, Any]]:
 
 
 async def test_a_healthy_response_is_the_same_completed_and_not_forced(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     direct: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
@@ -118,7 +113,7 @@ async def test_a_healthy_response_is_the_same_completed_and_not_forced(
     assert got_kinds == want_kinds
     assert got_kinds[-1] == "response.completed"
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "completed",
         "completed",
@@ -127,18 +122,18 @@ async def test_a_healthy_response_is_the_same_completed_and_not_forced(
     assert (run.meta["dialect"], run.meta["protocol_id"]) == ("openai-responses", got.id)
     assert [e.event for e in run.events].count("response.completed") == 1
     assert run.events[-1].event == "response.completed"  # nothing after it
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
 
     run_id, demo_id = ids()
     want_events, _ = await raw_events(direct, "normal", RunId("unused"), demo_id)
     got_events, exc = await raw_events(via_sidecar, "normal", run_id, demo_id)
     assert exc is None
     assert dumps(got_events) == dumps(want_events)
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
 
 
 async def test_an_upstream_failed_response_is_the_same_stored_and_not_forced(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     direct: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
@@ -151,7 +146,7 @@ async def test_an_upstream_failed_response_is_the_same_stored_and_not_forced(
     assert got_kinds == want_kinds
     assert got_kinds[-1] == "response.failed"
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "failed",
         "failed",
@@ -161,14 +156,14 @@ async def test_an_upstream_failed_response_is_the_same_stored_and_not_forced(
         "code": "server_error",
         "message": "The model provider failed mid-response",
     }
-    assert forced_total(sc) == 0
+    assert forced_total(demo_sidecar) == 0
 
 
 @pytest.mark.parametrize(
     ("scenario", "reason"), [("dies", "stream_incomplete"), ("reset", "upstream_error")]
 )
 async def test_a_response_that_dies_ends_with_response_failed_naming_the_reason(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     direct: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
@@ -199,7 +194,7 @@ async def test_a_response_that_dies_ends_with_response_failed_naming_the_reason(
     assert failed.response.error.type == reason
     assert failed.response.error.message.startswith(f"sse-sidecar: {reason}: ")
 
-    run = await stored_run(sc, redis_client, run_id)
+    run = await stored_run(demo_sidecar, redis_client, run_id)
     assert (run.meta["status"], run.meta["stop_reason"], run.meta["forced_done"]) == (
         "failed",
         "failed",
@@ -209,19 +204,22 @@ async def test_a_response_that_dies_ends_with_response_failed_naming_the_reason(
     assert run.events[-1].event == "response.failed"
     assert [e.event for e in run.events].count("response.failed") == 1
     assert (
-        sc.metric("sse_sidecar_forced_done_total", reason=reason, dialect="openai-responses") == 2
+        demo_sidecar.metric(
+            "sse_sidecar_forced_done_total", reason=reason, dialect="openai-responses"
+        )
+        == 2
     )
 
 
 async def test_resume_with_starting_after_is_served_from_redis_exactly_once(
-    sc: Sidecar,
+    demo_sidecar: Sidecar,
     via_sidecar: openai.AsyncOpenAI,
     direct: openai.AsyncOpenAI,
     redis_client: redis.asyncio.Redis,
 ) -> None:
     run_id, demo_id = ids()
     events, _ = await raw_events(via_sidecar, "normal", run_id, demo_id)
-    await stored_run(sc, redis_client, run_id)
+    await stored_run(demo_sidecar, redis_client, run_id)
     response_id = f"resp_{demo_id}"
     numbers = [e.sequence_number for e in events]
     assert numbers == list(range(len(events)))
@@ -236,8 +234,8 @@ async def test_resume_with_starting_after_is_served_from_redis_exactly_once(
         assert dumps([e async for e in upstream]) == dumps(got)
     # Served by the sidecar from Redis, not proxied.
     P = "sse_sidecar_"
-    assert sc.metric(P + "http_requests_total", route="responses_resume", code="200") == 3
-    assert sc.metric(P + "replay_requests_total", outcome="ok") == 3
+    assert demo_sidecar.metric(P + "http_requests_total", route="responses_resume", code="200") == 3
+    assert demo_sidecar.metric(P + "replay_requests_total", outcome="ok") == 3
 
     # The stream helper resumes the same way, and completes.
     async with via_sidecar.responses.stream(response_id=response_id, starting_after=4) as s:
@@ -248,7 +246,7 @@ async def test_resume_with_starting_after_is_served_from_redis_exactly_once(
 
 
 async def test_resume_of_a_live_response_follows_it_to_its_end(
-    sc: Sidecar, via_sidecar: openai.AsyncOpenAI, redis_client: redis.asyncio.Redis
+    demo_sidecar: Sidecar, via_sidecar: openai.AsyncOpenAI, redis_client: redis.asyncio.Redis
 ) -> None:
     run_id, demo_id = ids()
     opts = options("normal", run_id, demo_id, tokens=40)
@@ -270,13 +268,13 @@ async def test_resume_of_a_live_response_follows_it_to_its_end(
 
 
 async def test_resume_of_a_response_the_sidecar_never_saw_is_proxied(
-    sc: Sidecar, via_sidecar: openai.AsyncOpenAI, direct: openai.AsyncOpenAI
+    demo_sidecar: Sidecar, via_sidecar: openai.AsyncOpenAI, direct: openai.AsyncOpenAI
 ) -> None:
     _, demo_id = ids()
     events, _ = await raw_events(direct, "normal", RunId("unused"), demo_id)
     resumed = await via_sidecar.responses.retrieve(f"resp_{demo_id}", stream=True, starting_after=5)
     assert dumps([e async for e in resumed]) == dumps(events[6:])
-    assert sc.metric("sse_sidecar_replay_requests_total") == 0
+    assert demo_sidecar.metric("sse_sidecar_replay_requests_total") == 0
     # And an id nobody knows is the upstream's 404.
     with pytest.raises(openai.NotFoundError):
         await via_sidecar.responses.retrieve("resp_nobody", stream=True)
@@ -290,7 +288,7 @@ async def test_a_held_resume_gets_heartbeats_the_sdk_skips(
 ) -> None:
     """While the upstream is silent, the replay sends ``: ping`` comments; after the ``id:``
     lines, a comment with a blank line would be an empty event the SDK cannot parse."""
-    sc = await make_sidecar(heartbeat_seconds=0.05)
+    demo_sidecar = await make_sidecar(heartbeat_seconds=0.05)
     created = {"id": "resp_held", "object": "response", "created_at": 1, "status": "in_progress"}
     created |= {"model": "m", "output": []}
 
@@ -310,8 +308,8 @@ async def test_a_held_resume_gets_heartbeats_the_sdk_skips(
         ],
     )
     async with (
-        openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="k", max_retries=0) as client,
-        http.post(sc.url + "/v1/responses", json={}) as live,
+        openai.AsyncOpenAI(base_url=demo_sidecar.url + "/v1", api_key="k", max_retries=0) as client,
+        http.post(demo_sidecar.url + "/v1/responses", json={}) as live,
     ):
         reader = LiveReader(live)
         await reader.until(2)
@@ -320,7 +318,7 @@ async def test_a_held_resume_gets_heartbeats_the_sdk_skips(
         resumed = await client.responses.retrieve("resp_held", stream=True, starting_after=0)
         got = [await anext(resumed)]
         # A second reader that started later has seen two heartbeats: the SDK's has had its own.
-        url = f"{sc.url}/v1/responses/resp_held?stream=true&starting_after=1"
+        url = f"{demo_sidecar.url}/v1/responses/resp_held?stream=true&starting_after=1"
         async with http.get(url) as raw:
             await read_until_bytes(LiveReader(raw), b": ping\n", count=2)
         gate.open()
