@@ -398,9 +398,18 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 eps >= 50_000,
             )
         )
-        if "letta_summary" in w:
+        if "letta_summary" in w and "sidecar_summary" in w:
+            # Writer against writer (issue 15), both in-process; the whole tee's saturation
+            # against Letta's writer alone is shown beside it.
             lw = med(w["letta_summary"]["events_per_s"])
-            out.append(("≥ 3x Letta's writer alone", f"{eps / lw:.2f}x (events/s)", eps / lw >= 3))
+            sw = med(w["sidecar_summary"]["events_per_s"])
+            out.append(
+                (
+                    "writer alone ≥ 3x Letta's writer alone",
+                    f"{sw / lw:.2f}x (events/s; the whole tee at saturation: {eps / lw:.2f}x)",
+                    sw / lw >= 3,
+                )
+            )
         rt = med(sat["round_trips_per_event"])
         out.append(("≤ 0.02 Redis round trips per event at saturation", f"{rt:.4f}", rt <= 0.02))
     if "1000" in tee:
