@@ -222,8 +222,10 @@ class Follower:
             frame = frames.get(start)
             if frame is None:
                 body = b"".join(e.data for e in entries[start:])
-                frame = frames[start] = b"%x\r\n%b\r\n" % (len(body), body)
-            sink.transport.write(frame)
+                # An empty chunk would end the body (an end entry can be empty: generic).
+                frame = frames[start] = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            if frame:
+                sink.transport.write(frame)
             sink.events += len(entries) - start
             sink.cursor = last.seq
             sink.last_write = now

@@ -1212,3 +1212,54 @@ async def test_a_slow_reader_is_cut_loose_and_resumes_without_gaps_or_duplicates
     assert cut + resumed.body == live_body
     assert outcomes(sc) == {"ok": 3.0, "slow_reader": 1.0}
     assert sc.metric(P + "replay_active") == 0
+
+
+async def test_a_live_reader_of_a_generic_run_gets_its_empty_end_as_one_clean_chunked_body(
+    upstream: Upstream,
+    make_sidecar: SidecarFactory,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    # A generic run that ends by a clean close is stored with an empty last entry. The follower
+    # writes live deliveries to the reader's connection itself, as HTTP chunks: an empty chunk
+    # there would be a premature end of the body, and a second terminator after it.
+    sc = await make_sidecar(dialect="generic")
+    gate, closing = Gate(), Gate()
+    # The close comes on its own, after "b" reached the reader: the empty end entry is stored
+    # and delivered alone.
+    upstream.sse(PATH, [token("a"), gate, token("b"), closing])
+    async with http.post(sc.url + PATH, json={}) as live_resp:
+        run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
+        await LiveReader(live_resp).until(1)
+        await stored_count(redis_client, run_id, 1)
+        host, port = sc.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"GET {stream_path(run_id)} HTTP/1.1\r\nHost: {host}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(5):
+            raw = await reader.readuntil(b"id: 1\n")
+            gate.open()
+            raw += await reader.readuntil(b"id: 2\n")
+        closing.open()
+        async with asyncio.timeout(10):
+            raw += await reader.read()  # to the server's close
+        writer.close()
+        assert await live_resp.read()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    # Chunk by chunk: sizes, data, and one terminator at the very end.
+    chunks, rest = [], body
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        chunks.append(rest[:size])
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+    assert rest == b"\r\n", f"bytes after the chunked body's end: {rest!r}"
+    assert [e for e in b"".join(chunks).split(b"\n\n") if e][-1].startswith(b"id: 2\n")
+    rows = await stored(redis_client, run_id)
+    assert [(r["seq_id"], r["data"], r["complete"]) for r in rows][2] == ("3", "", "true")
