@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.keys import Keys, RunId
-from tests.conftest import RedisServer, Upstream, free_port
+from tests.cli import CliSidecar, start_cli
+from tests.conftest import RedisServer, Upstream
 from tests.functional.helpers import DONE, eventually, stop, token
 
 PATH = "/v1/agents/fault/messages/stream"
@@ -99,19 +99,8 @@ class Scrape:
 
 
 @dataclass
-class SidecarProcess:
-    name: str
-    proc: asyncio.subprocess.Process
-    url: str
-    admin_url: str
-    log: Path
+class SidecarProcess(CliSidecar):
     peak_rss_mb: float = 0.0  # VmHWM, read by ``memory()`` while the process lives
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def run_url(self, run_id: str, tail: str = "") -> str:
-        return f"{self.url}/sidecar/v1/runs/{run_id}{tail}"
 
     @property
     def alive(self) -> bool:
@@ -175,39 +164,17 @@ async def start_sidecar(
     **flags: Any,
 ) -> SidecarProcess:
     """``python -m sidecar serve`` with these flags; waits for /readyz (or /healthz)."""
-    port, admin = free_port(), free_port()
-    log = workdir / f"sidecar-{name}.log"
-    args: dict[str, Any] = {
-        "upstream-url": upstream.url,
-        "redis-url": redis_url,
-        "host": "127.0.0.1",
-        "port": port,
-        "admin-port": admin,
-        "log-format": "text",
-    }
-    args.update({k.replace("_", "-"): v for k, v in flags.items()})
-    argv = [part for k, v in args.items() for part in (f"--{k}", str(v))]
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", "serve", *argv,
-            stdout=out, stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )  # fmt: skip
-    sc = SidecarProcess(name, proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
-    probe = "/readyz" if ready else "/healthz"
-
-    async def up() -> bool:
-        if proc.returncode is not None:
-            raise AssertionError(f"sidecar {name} exited early:\n{sc.output()}")
-        try:
-            async with http.get(sc.admin_url + probe) as resp:
-                return resp.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    # A child process's port has no event to await.
-    await eventually(up, timeout=30, interval=0.05, what=f"sidecar {name}'s {probe}")
-    return sc
+    return await start_cli(
+        SidecarProcess,
+        name,
+        upstream_url=upstream.url,
+        redis_url=redis_url,
+        http=http,
+        workdir=workdir,
+        probe="/readyz" if ready else "/healthz",
+        env=env,
+        **flags,
+    )
 
 
 # -- traffic ---------------------------------------------------------------------------------

@@ -5,35 +5,20 @@ killed at the end of the test if still running."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import free_port
+from tests.cli import CliSidecar, start_cli
 from tests.functional.helpers import eventually
 
 # How many processes are subscribed to the cancel channel (the test's view of Redis).
 Subscribers = Callable[[], Awaitable[int]]
 
 
-@dataclass
-class Replica:
-    name: str
-    proc: asyncio.subprocess.Process
-    url: str
-    admin_url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def run_url(self, run_id: str, tail: str = "") -> str:
-        return f"{self.url}/sidecar/v1/runs/{run_id}{tail}"
-
+class Replica(CliSidecar):
     async def metric(self, http: aiohttp.ClientSession, sample: str) -> float:
         """One sample of its /metrics, e.g. ``sse_sidecar_forced_done_total{reason="x"}``."""
         async with http.get(self.admin_url + "/metrics") as resp:
@@ -69,37 +54,17 @@ class Replicas:
         return list(out)
 
     async def _start_one(self, name: str, redis_url: str, flags: dict[str, Any]) -> Replica:
-        port, admin = free_port(), free_port()
-        log = self._workdir / f"sidecar-{name}.log"
-        args = {
-            "upstream-url": self._upstream_url,
-            "redis-url": redis_url,
-            "host": "127.0.0.1",
-            "port": port,
-            "admin-port": admin,
-            "drain-seconds": 1,
-            "log-format": "text",
-        }
-        args.update({k.replace("_", "-"): v for k, v in flags.items()})
-        argv = [part for k, v in args.items() for part in (f"--{k}", str(v))]
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sidecar", "serve", *argv,
-                stdout=out, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-        replica = Replica(name, proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
+        replica = await start_cli(
+            Replica,
+            name,
+            upstream_url=self._upstream_url,
+            redis_url=redis_url,
+            http=self._http,
+            workdir=self._workdir,
+            timeout=20,
+            **{"drain_seconds": 1, **flags},
+        )
         self.started.append(replica)
-
-        async def ready() -> bool:
-            if proc.returncode is not None:
-                raise AssertionError(f"sidecar {name} exited early:\n{replica.output()}")
-            try:
-                async with self._http.get(replica.admin_url + "/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await eventually(ready, timeout=20, interval=0.02, what=f"sidecar {name}'s /readyz")
         return replica
 
     async def close(self) -> None:
