@@ -192,7 +192,7 @@ class Follower:
         whole = last.seq - first == len(entries) - 1
         frames: dict[int, bytes] = {}
         now = asyncio.get_running_loop().time()
-        lag_s = [max(0.0, time.time() - e.timestamp_ms / 1000) for e in entries]
+        lag_s: list[float] | None = None  # per entry, once a reader is written to directly
         written = 0
         for sub in list(self._subs.get(run_id, ())):
             # A reader whose position this read did not cover (it joined with an older cursor
@@ -231,6 +231,9 @@ class Follower:
             sink.last_write = now
             written += len(entries) - start
             sub.cursor = sub.position = last.seq
+            if lag_s is None:
+                now_s = time.time()
+                lag_s = [max(0.0, now_s - e.timestamp_ms / 1000) for e in entries]
             observe = self._m.replay_delivery_lag.observe
             for lag in lag_s[start:]:
                 observe(lag, sink.linked)

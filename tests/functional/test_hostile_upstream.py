@@ -14,8 +14,8 @@ import zlib
 import aiohttp
 import redis.asyncio
 
-from tests.conftest import SidecarFactory, Step, Upstream
-from tests.functional.helpers import DONE, payloads, stop, stream, token
+from tests.conftest import Sidecar, SidecarFactory, Step, Upstream
+from tests.functional.helpers import DONE, ClientView, payloads, stop, stream, token
 from tests.functional.test_tee_terminals import PATH, check_run
 
 REJECTED = "sse_sidecar_upstream_rejected_total"
@@ -26,6 +26,21 @@ BOMB_EVENT = b'data: {"content":"x"}\n\n'
 def gzip_steps(raw: bytes, chunk: int = 16 << 10) -> list[Step]:
     wire = gzip.compress(raw, compresslevel=9)
     return [wire[i : i + chunk] for i in range(0, len(wire), chunk)]
+
+
+async def check_ended_by_upstream_error(
+    sc: Sidecar, redis_client: redis.asyncio.Redis, view: ClientView
+) -> None:
+    """The run is stored whole, failed with the sidecar's forced upstream_error terminal."""
+    await check_run(
+        sc,
+        redis_client,
+        view.run_id,
+        status="failed",
+        stop_reason="error",
+        forced_done="upstream_error",
+        live=view.body,
+    )
 
 
 async def test_a_gzip_bomb_ends_its_run_at_max_decompressed_bytes(
@@ -54,15 +69,7 @@ async def test_a_gzip_bomb_ends_its_run_at_max_decompressed_bytes(
         f"the upstream's compressed body decodes to more than max_decompressed_bytes ({cap} bytes)"
     )
     assert done == "[DONE]"
-    await check_run(
-        sc,
-        redis_client,
-        view.run_id,
-        status="failed",
-        stop_reason="error",
-        forced_done="upstream_error",
-        live=view.body,
-    )
+    await check_ended_by_upstream_error(sc, redis_client, view)
     assert sc.metric(REJECTED, reason="decompressed_bytes") == 1
 
 
@@ -80,15 +87,7 @@ async def test_one_endless_line_ends_its_run_at_max_event_bytes(
     assert contents[0]["content"] == "before"
     assert contents[2]["error_type"] == "upstream_error"
     assert "max_event_bytes (1048576 bytes)" in contents[2]["detail"]
-    await check_run(
-        sc,
-        redis_client,
-        view.run_id,
-        status="failed",
-        stop_reason="error",
-        forced_done="upstream_error",
-        live=view.body,
-    )
+    await check_ended_by_upstream_error(sc, redis_client, view)
     assert sc.metric(REJECTED, reason="event_bytes") == 1
     assert sc.metric(REJECTED, reason="decompressed_bytes") == 0
 
@@ -107,15 +106,7 @@ async def test_corrupt_compressed_data_keeps_the_events_before_it(
     contents = payloads(view.events)
     assert [c.get("content") for c in contents[:2]] == ["a", "b"]
     assert contents[3]["detail"].startswith("cannot decode the upstream's deflate body: ")
-    await check_run(
-        sc,
-        redis_client,
-        view.run_id,
-        status="failed",
-        stop_reason="error",
-        forced_done="upstream_error",
-        live=view.body,
-    )
+    await check_ended_by_upstream_error(sc, redis_client, view)
     assert sc.metric(REJECTED, reason="corrupt_encoding") == 1
 
 
