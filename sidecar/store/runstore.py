@@ -571,39 +571,43 @@ class RunStore:
 
     async def _round_trip(self, redis: Redis, payload: bytes, replies: int) -> list[Any]:
         """Send packed commands on one pooled connection and read their replies (an error reply
-        is returned, not raised), all within one ``timeout``.
+        is returned, not raised), all within one ``timeout``: the wait for a pooled connection
+        and its (re)connect included, so a Redis that refuses connections costs a round trip no
+        more than one that hangs (redis-py's connect retry alone can take seconds).
 
         redis-py's pipeline would pack every argument again and wrap every reply's read in a
         timeout of its own: per event at the token rate, more than the script costs Redis. A
         round trip cut short (timeout, cancellation) leaves replies unread: that connection is
         closed, never handed back to the pool mid-reply.
         """
-        conn = await redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        pool = redis.connection_pool
+        async with asyncio.timeout(self._timeout):
+            # The pool hands the connection back itself if connecting fails or is cut short.
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
 
-        async def attempt() -> list[Any]:
-            await conn.send_packed_command(payload, check_health=False)
-            out: list[Any] = []
-            for _ in range(replies):
-                try:
-                    out.append(await conn.read_response(timeout=math.inf))
-                except redis_errors.ResponseError as exc:
-                    out.append(exc)
-            return out
+                async def attempt() -> list[Any]:
+                    await conn.send_packed_command(payload, check_health=False)
+                    out: list[Any] = []
+                    for _ in range(replies):
+                        try:
+                            out.append(await conn.read_response(timeout=math.inf))
+                        except redis_errors.ResponseError as exc:
+                            out.append(exc)
+                    return out
 
-        async def reconnect(_error: BaseException) -> None:
-            await conn.disconnect()
+                async def reconnect(_error: BaseException) -> None:
+                    await conn.disconnect()
 
-        try:
-            # The client's retry, as its pipeline would: a connection found dead (idle through
-            # a Redis restart) is opened again and the whole round trip resent (every op is
-            # idempotent).
-            async with asyncio.timeout(self._timeout):
+                # The client's retry, as its pipeline would: a connection found dead (idle
+                # through a Redis restart) is opened again and the whole round trip resent
+                # (every op is idempotent).
                 return await conn.retry.call_with_retry(attempt, reconnect)  # type: ignore[no-any-return]
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await redis.connection_pool.release(conn)
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(conn)
 
     # -- ending a run its producer cannot end ----------------------------------------------
 
