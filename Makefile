@@ -22,7 +22,10 @@ run: setup
 	$(BIN)/sse-sidecar quickstart $(ARGS)
 
 ## test: set up, lint, and run the whole test suite
-test: setup lint pytest
+# The linters (CPU) and the deploy tools' install (mostly downloads) run side by side.
+test: setup
+	@$(MAKE) --no-print-directory -j2 --output-sync=target lint tools
+	@$(MAKE) --no-print-directory pytest
 
 pytest: setup tools
 	$(BIN)/pytest $(PYTEST_ARGS)

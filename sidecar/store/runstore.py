@@ -45,6 +45,7 @@ from redis.crc import key_slot
 from sidecar.background import Background
 from sidecar.errors import InvalidRunId, StoreBusy, StoreError, StoreUnavailable
 from sidecar.keys import Keys, RunId, validate_run_id
+from sidecar.store.batch import ReadBatcher
 from sidecar.store.cluster_tail import ClusterRouting, ClusterTail, SingleRouting
 from sidecar.store.connect import (
     ClientOptions,
@@ -290,6 +291,13 @@ class RunStore:
         if isinstance(self._clients, SentinelClients):
             self._watch = Background("sse-sentinel-watch", self._clients.watch_failovers, metrics)
         self._epochs: dict[str, str] = {}  # epoch key -> the token this process saw there
+        # Replay and status reads, coalesced under bursts (batch.py says why). A cluster's reads
+        # go to the node of their slot through redis-py's cluster client instead.
+        self._reads: ReadBatcher | None = (
+            None
+            if cluster
+            else ReadBatcher(self._read_round_trip, max_inflight=max(1, max_connections // 2))
+        )
         # Load the scripts before the next round trip: at start, and after Redis was away (it
         # may have restarted, or failed over to a replica, without them).
         self._load_scripts = True
@@ -307,6 +315,8 @@ class RunStore:
             self._watch.start()
 
     async def aclose(self) -> None:
+        if self._reads is not None:
+            await self._reads.aclose()
         if self._watch is not None:
             await self._watch.stop()
         await self._clients.aclose()
@@ -571,9 +581,7 @@ class RunStore:
 
     async def _round_trip(self, redis: Redis, payload: bytes, replies: int) -> list[Any]:
         """Send packed commands on one pooled connection and read their replies (an error reply
-        is returned, not raised), all within one ``timeout``: the wait for a pooled connection
-        and its (re)connect included, so a Redis that refuses connections costs a round trip no
-        more than one that hangs (redis-py's connect retry alone can take seconds).
+        is returned, not raised), within ``timeout``.
 
         redis-py's pipeline would pack every argument again and wrap every reply's read in a
         timeout of its own: per event at the token rate, more than the script costs Redis. A
@@ -581,33 +589,36 @@ class RunStore:
         closed, never handed back to the pool mid-reply.
         """
         pool = redis.connection_pool
-        async with asyncio.timeout(self._timeout):
-            # The pool hands the connection back itself if connecting fails or is cut short.
+        # The wait for a free connection is the pool's own (``timeout``; then StoreBusy). The
+        # connect that follows is bounded here: while Redis refuses connections, redis-py's
+        # connect retry alone would hold the round trip for seconds.
+        async with asyncio.timeout(2 * self._timeout):
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
 
-                async def attempt() -> list[Any]:
-                    await conn.send_packed_command(payload, check_health=False)
-                    out: list[Any] = []
-                    for _ in range(replies):
-                        try:
-                            out.append(await conn.read_response(timeout=math.inf))
-                        except redis_errors.ResponseError as exc:
-                            out.append(exc)
-                    return out
+        async def attempt() -> list[Any]:
+            await conn.send_packed_command(payload, check_health=False)
+            out: list[Any] = []
+            for _ in range(replies):
+                try:
+                    out.append(await conn.read_response(timeout=math.inf))
+                except redis_errors.ResponseError as exc:
+                    out.append(exc)
+            return out
 
-                async def reconnect(_error: BaseException) -> None:
-                    await conn.disconnect()
+        async def reconnect(_error: BaseException) -> None:
+            await conn.disconnect()
 
-                # The client's retry, as its pipeline would: a connection found dead (idle
-                # through a Redis restart) is opened again and the whole round trip resent
-                # (every op is idempotent).
+        try:
+            # The client's retry, as its pipeline would: a connection found dead (idle through
+            # a Redis restart) is opened again and the whole round trip resent (every op is
+            # idempotent).
+            async with asyncio.timeout(self._timeout):
                 return await conn.retry.call_with_retry(attempt, reconnect)  # type: ignore[no-any-return]
-            except BaseException:
-                await conn.disconnect(nowait=True)
-                raise
-            finally:
-                await pool.release(conn)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     # -- ending a run its producer cannot end ----------------------------------------------
 
@@ -644,23 +655,50 @@ class RunStore:
 
     # -- reads -------------------------------------------------------------------------------
 
+    async def _read_round_trip(self, payload: bytes, replies: int) -> list[Any]:
+        """The batched reads' round trip (one Redis, or Sentinel's primary)."""
+        async with self._command("read") as redis:
+            assert isinstance(redis, Redis)
+            return await self._round_trip(redis, payload, replies)
+
+    async def _read(self, reads: ReadBatcher, operation: str, *args: bytes) -> Any:
+        """One read through the batcher; an error reply raised as the store's error."""
+        reply = await reads.call(_pack(args))
+        if isinstance(reply, Exception):
+            raise self.failed(operation, reply) from reply
+        return reply
+
     async def meta(self, run_id: RunId) -> RunMeta | None:
-        async with self._command("meta") as redis:
-            raw = await redis.hgetall(self.keys.meta(run_id))
+        key = self.keys.meta(run_id)
+        raw: Any
+        if self._reads is not None:
+            raw = await self._read(self._reads, "meta", b"HGETALL", key.encode())
+            if isinstance(raw, list):  # RESP2 sends a hash as a flat list
+                raw = dict(zip(raw[::2], raw[1::2], strict=True))
+        else:
+            async with self._command("meta") as redis:
+                raw = await redis.hgetall(key)
         return RunMeta.from_hash(run_id, raw) if raw else None
 
     async def first_seq(self, run_id: RunId) -> int | None:
         """The seq of the oldest event still stored (older ones were trimmed or lost)."""
-        async with self._command("read") as redis:
-            head: Any = await redis.xrange(self.keys.stream(run_id), "-", "+", count=1)
-        return parse_entries(head)[0].seq if head else None
+        head = await self._xrange(run_id, b"-", 1)
+        return head[0].seq if head else None
 
     async def entries_after(self, run_id: RunId, cursor: int, count: int) -> list[Entry]:
         """Up to ``count`` stored events with seq > ``cursor``, in order."""
-        async with self._command("read") as redis:
-            page: Any = await redis.xrange(
-                self.keys.stream(run_id), f"({cursor}-0", "+", count=count
+        return await self._xrange(run_id, b"(%d-0" % cursor, count)
+
+    async def _xrange(self, run_id: RunId, start: bytes, count: int) -> list[Entry]:
+        key = self.keys.stream(run_id)
+        page: Any
+        if self._reads is not None:
+            page = await self._read(
+                self._reads, "read", b"XRANGE", key.encode(), start, b"+", b"COUNT", b"%d" % count
             )
+        else:
+            async with self._command("read") as redis:
+                page = await redis.xrange(key, start, "+", count=count)
         return parse_entries(page)
 
     async def read_after(self, reads: Sequence[tuple[RunId, int]], count: int) -> list[list[Entry]]:
