@@ -92,6 +92,7 @@ async def test_an_unknown_run_and_an_error_reply_come_back_to_their_own_caller(
         results = await asyncio.gather(*calls, return_exceptions=True)
     finally:
         await store.aclose()
-    assert isinstance(results[0], StoreError) and "WRONGTYPE" in str(results[0])
+    assert isinstance(results[0], StoreError)
+    assert "WRONGTYPE" in str(results[0])
     assert results[1] is None
     assert all(getattr(m, "last_seq", None) == EVENTS for m in results[2:])

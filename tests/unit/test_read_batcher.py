@@ -124,7 +124,8 @@ async def test_a_cancelled_caller_is_not_sent_and_does_not_disturb_the_others() 
     assert trips.sent[1] == [b"c3"]
     trips.release(1)
     assert await kept == b"reply to c3"
-    assert gone.cancelled() and first.cancelled()
+    assert gone.cancelled()
+    assert first.cancelled()
 
 
 async def test_closing_cancels_queued_and_running_reads() -> None:
@@ -136,7 +137,8 @@ async def test_closing_cancels_queued_and_running_reads() -> None:
     await settle()
     await batcher.aclose()
     await settle()
-    assert running.cancelled() and queued.cancelled()
+    assert running.cancelled()
+    assert queued.cancelled()
     assert len(trips.sent) == 1
     with pytest.raises(asyncio.CancelledError):
         await batcher.call(cmd(3))
