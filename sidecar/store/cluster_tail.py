@@ -38,6 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sidecar.background import Background
 from sidecar.errors import StoreError
 from sidecar.keys import RunId
+from sidecar.store.connect import next_message
 from sidecar.store.errors import FOREIGN
 from sidecar.store.tail import READ_COUNT, TailListener, retry_delay
 
@@ -342,7 +343,7 @@ class ClusterTail:
     async def _listen(self, link: _Link) -> None:
         try:
             while True:
-                message = await link.pubsub.get_message(timeout=LISTEN_SECONDS)
+                message = await next_message(link.pubsub, LISTEN_SECONDS)
                 if message is None:
                     continue
                 self._on_message(link, message)

@@ -60,6 +60,21 @@ from sidecar.store.url import (
 )
 
 
+async def next_message(pubsub: PubSub, timeout: float, **options: Any) -> dict[str, Any] | None:
+    """``pubsub.get_message`` that never swallows its task's cancellation.
+
+    Every subscribed loop here reads with a timeout rather than ``listen()``, which can swallow
+    the cancellation that stops its task. ``get_message`` can too: redis-py turns a timeout
+    context's TimeoutError into "no message", and a cancellation that coincides with it is
+    lost; the loop then runs on and the task never ends (a shutdown, or a test's teardown, hung
+    on it for a minute). A cancellation asked of the task is raised again here."""
+    message = await pubsub.get_message(timeout=timeout, **options)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return message  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True, slots=True)
 class ClientOptions:
     max_connections: int = 8  # the general client's bound (per node on a cluster)
@@ -297,8 +312,7 @@ class SentinelClients:
                 await pubsub.subscribe(SWITCH_MASTER, *FAILOVER_STEPS)
                 backoff = self._options.backoff_base
                 while True:
-                    # get_message with a timeout: listen() can swallow a cancellation.
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    message = await next_message(pubsub, 1.0, ignore_subscribe_messages=True)
                     if message is not None:
                         await self._announced(sentinel, message["channel"], message["data"])
             except (RedisError, OSError):

@@ -52,6 +52,7 @@ from sidecar.store.connect import (
     ClusterClients,
     SentinelClients,
     connect,
+    next_message,
 )
 from sidecar.store.entries import Entry, parse_entries, raw_reply, text
 from sidecar.store.errors import FOREIGN, POOL_EXHAUSTED, translate, unavailable
@@ -806,11 +807,7 @@ class CancelRequests:
     async def next(self, timeout: float) -> str | None:
         """The next requested run id, or None after ``timeout`` seconds without one."""
         try:
-            # get_message with a timeout, not listen(): listen() can swallow the cancellation
-            # that stops the listener's task (redis-py 8), hanging shutdown.
-            message = await self._pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=timeout
-            )
+            message = await next_message(self._pubsub, timeout, ignore_subscribe_messages=True)
         except FOREIGN as exc:
             await self._store._after_lost_node()
             raise self._store.failed("cancel", exc) from exc

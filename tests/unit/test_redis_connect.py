@@ -5,6 +5,7 @@ clients does not connect."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from sidecar.store.connect import (
     SentinelClients,
     SingleClients,
     connect,
+    next_message,
 )
 from sidecar.store.url import parse_redis_url
 
@@ -201,3 +203,31 @@ async def test_a_cluster_cancel_subscription_needs_no_slot_map() -> None:
     assert (kw["host"], kw["port"]) in {("n1", 7000), ("n2", 7001)}
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     await clients.aclose()
+
+
+class SwallowingPubSub:
+    """A subscription read that turns its task's cancellation into "no message", as redis-py's
+    ``get_message`` does when the cancellation coincides with its read timeout."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def get_message(self, timeout: float, **_options: Any) -> None:
+        self.reads += 1
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(timeout)
+
+
+async def test_a_cancellation_swallowed_by_a_subscription_read_still_ends_the_loop() -> None:
+    pubsub = SwallowingPubSub()
+
+    async def listen() -> None:
+        for _ in range(3):  # bounded: a loop that runs on fails the test instead of hanging it
+            await next_message(pubsub, 0.05)  # type: ignore[arg-type]
+
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2.0)
+    assert pubsub.reads == 1
