@@ -319,7 +319,10 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
                 port=bench.sidecar.port,
                 run_id=f"{run_id}-0",
                 events=c.catchup_events,
-                repeats=int((seconds + 2) * 40),
+                # Enough catch-ups to outlast the profile at up to 200k events/s (sized by the
+                # run's length: 40 a second was right for 10,000 events, 100,000 outlasted the
+                # load generator's timeout).
+                repeats=max(2, int((seconds + 2) * 200_000 / c.catchup_events)),
             )
         else:
             timer = threading.Timer(3.0, start)
