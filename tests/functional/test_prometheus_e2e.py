@@ -437,17 +437,21 @@ async def alerts_on_this_traffic(prom: Prometheus) -> None:
 
 async def the_picture_renders(prom: Prometheus, tmp_path: Path) -> None:
     """scripts/render_dashboard.py (the README's picture) draws every panel from this data."""
-    render = import_file(RENDER_SCRIPT)
-    # Drawn as of the newest scrape that succeeded: after one that timed out (1 s, on a busy
-    # machine) the gauges are stale "now", and their stat panels would show No data.
-    last_good = f'max(timestamp(up{{job="{JOB}"}} == 1))'
+    # Imported in a thread: matplotlib's import holds the thread that runs it for more than a
+    # second, and this loop also serves the sidecar's /metrics (a 1 s scrape timeout).
+    render = await asyncio.to_thread(import_file, RENDER_SCRIPT)
+    # Drawn as of the newest scrape that succeeded: after one that timed out on a busy machine
+    # the gauges are stale "now", and their stat panels would show No data.
+    last_good: list[float] = []
 
     async def scraped() -> bool:
-        return await prom.value(last_good) is not None
+        at = await prom.value(f'max(timestamp(up{{job="{JOB}"}} == 1))')
+        if at is not None:
+            last_good.append(at)
+        return at is not None
 
     await prom.until(scraped, "a scrape that succeeded")
-    end = await prom.value(last_good)
-    assert end is not None
+    end = last_good[-1]
     # The script is synchronous (urllib): in a thread, so that this loop keeps serving scrapes.
     figure, drawn = await asyncio.to_thread(
         render.render, render.Prometheus(prom.url), "2m", {}, end
