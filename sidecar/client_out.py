@@ -6,6 +6,12 @@ itself: once ``buffer_bytes`` wait for it (queued, or handed to a write that has
 or one write has waited ``write_timeout`` seconds, the client is *cut*: its connection is aborted
 (an unfinished body, never a clean end that would look like a finished run) and it resumes with
 ``Last-Event-ID`` through the replay API, while the tee goes on storing the run to its end.
+
+While the client keeps up (nothing queued, no write under way, nothing waiting in the process
+for the kernel), ``send`` writes the chunk to the connection itself, framed as aiohttp frames a
+chunked body: a hop through the client's task (an event set, a task step, a write under a
+timeout scope) for every upstream chunk was a fifth of the per-event cost at 1,000 streams. A
+client that falls behind is served by its task as before, bounded and under the write timeout.
 """
 
 from __future__ import annotations
@@ -64,6 +70,12 @@ class LiveClient:
         self._ending = False
         self._cut_at_end = False
         self._wake = asyncio.Event()
+        # Chunks go straight to the transport only once the task's first write (which carries
+        # the response head aiohttp holds back until the body starts) is done, and only for a
+        # chunked body (an HTTP/1.0 client gets the body unframed, through aiohttp).
+        self._direct = False
+        self._chunked = resp.chunked
+        self._busy = False  # a write of the task's is under way
         self.cut = False  # disconnected by the sidecar for being too slow
         self.left = False  # went away by itself
         self._task = asyncio.create_task(self._pump(), name=f"live-client:{run_id}")
@@ -75,6 +87,17 @@ class LiveClient:
     def send(self, data: bytes) -> None:
         """Queue bytes for the client; cuts it instead when they would pass its bound."""
         if self.gone or self._ending:
+            return
+        if (
+            self._direct
+            and not self._queue
+            and not self._busy
+            and (transport := self._request.transport) is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        ):
+            if data:
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             return
         if self._held + len(data) > self._bound:
             self._cut("buffer", f"{self._held + len(data)} bytes would wait for it")
@@ -107,9 +130,12 @@ class LiveClient:
                 while self._queue and not self.gone:
                     out = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
                     self._queue.clear()
+                    self._busy = True
                     if not await self._write(self._resp.write(out)):
                         return
+                    self._busy = False
                     self._held -= len(out)
+                    self._direct = self._chunked
                 if self.gone:
                     return
                 if self._ending:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
@@ -331,6 +331,10 @@ class Proxy:
         headers.setdefault("Cache-Control", "no-cache")
         headers["X-Accel-Buffering"] = "no"
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if request.version >= HttpVersion11:
+            # What aiohttp would choose anyway, said explicitly: the live client's chunks are
+            # framed by LiveClient itself while it keeps up.
+            resp.enable_chunked_encoding()
         tee = Tee(
             run_id=run_id,
             stream=stream,
