@@ -245,14 +245,23 @@ def main(argv: list[str] | None = None) -> int:
 # -- profiling ---------------------------------------------------------------------------------
 
 
-PROFILE_LOADS = ("saturation", "streams1000", "readers1000", "catchup")
+PROFILE_LOADS = (
+    "saturation",
+    "streams100",
+    "streams1000",
+    "streams1000readers",
+    "readers1000",
+    "catchup",
+)
 
 
 def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
     """py-spy the sidecar under one load; the top functions by self and total samples.
 
     Loads: ``saturation`` (the saturation scenario's streams, sized to outlast the recording),
-    ``streams1000`` (1,000 streams at the token rate), ``readers1000`` (1,000 live-tail
+    ``streams100`` and ``streams1000`` (100 or 1,000 streams at the token rate),
+    ``streams1000readers`` (1,000 with a
+    replay reader on every run: the readers scenario), ``readers1000`` (1,000 live-tail
     readers of one run at the token rate) and ``catchup`` (one reader reading a finished
     10,000-event run from the start, again and again).
     """
@@ -285,14 +294,14 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
             timer = threading.Timer(1.0, start)
             timer.start()
             results[fmt] = bench.saturation_cell("sidecar", "null", 1, events=n)
-        elif load == "streams1000":
+        elif load in ("streams100", "streams1000", "streams1000readers"):
             timer = threading.Timer(2.5, start)
             timer.start()
             results[fmt] = bench.loadgen.call(
-                "streams",
+                "streams_with_readers" if load == "streams1000readers" else "streams",
                 port=bench.sidecar.port,
                 path=STREAM_PATH,
-                count=1000,
+                count=100 if load == "streams100" else 1000,
                 n=int(c.rate * (seconds + 4)),
                 rate=c.rate,
                 ramp_s=1.0,

@@ -35,6 +35,7 @@ from sidecar.config import Settings
 from sidecar.ending import Finalizer
 from sidecar.follow import Follower
 from sidecar.keys import Keys
+from sidecar.listen import BatchAcceptSite
 from sidecar.probe import RedisProbe
 from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
@@ -169,6 +170,7 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
         app[STORE],
         app[METRICS],
         flush_max_events=s.flush_max_events,
+        gather_seconds=s.flush_gather_seconds,
         max_bytes=s.writer_max_bytes,
         ttl_seconds=s.stream_ttl_seconds,
         max_stream_events=s.max_stream_events,
@@ -223,9 +225,11 @@ async def _follower(app: web.Application) -> AsyncIterator[None]:
     app[FOLLOWER], app[PROBE] = follower, probe
     follower.start()
     probe.start()
+    app[WRITER].feed(follower)
     try:
         yield
     finally:
+        app[WRITER].feed(None)
         await probe.stop()
         await follower.close()
 
@@ -435,7 +439,7 @@ async def serve(
     await runner.setup()
     await admin_runner.setup()
     shared = worker is not None
-    await web.TCPSite(
+    await BatchAcceptSite(
         runner, settings.host, settings.port, backlog=LISTEN_BACKLOG, reuse_port=shared
     ).start()
     if worker is None:

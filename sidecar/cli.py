@@ -112,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             supervise(settings)
         else:
-            asyncio.run(serve(settings))
+            from sidecar.runtime import run
+
+            run(serve(settings), settings.event_loop)
         return 0
     if args.command == "demo-upstream":
         from sidecar.demo.upstream import run_upstream

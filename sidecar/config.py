@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     flush_max_events: int = Field(
         512, gt=0, description="Most events one Redis round trip of the writer carries."
     )
+    flush_gather_seconds: float = Field(
+        0.002,
+        ge=0,
+        le=1,
+        description="A writer round trip waits this long for events of other runs to go with "
+        "it (not when a full batch waits): fewer round trips at light load; 0 sends at once.",
+    )
     writer_max_bytes: int = Field(
         64 << 20,
         gt=0,
@@ -198,6 +205,11 @@ class Settings(BaseSettings):
         description="Once started, freeze the startup heap out of the garbage collector and "
         "raise its thresholds (10,000, 50, 100): fewer and shorter collector pauses with many "
         "connections open.",
+    )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="The event loop the server runs on: uvloop (libuv; cheaper socket I/O and "
+        "callbacks per event) or the standard library's asyncio loop.",
     )
     request_body_idle_timeout_seconds: float = Field(
         30.0,

@@ -20,12 +20,14 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.background import Background
 from sidecar.errors import StoreError
 from sidecar.keys import RunId
 from sidecar.store import Entry, RunStore, backoff
+from sidecar.store.tail import StoredEvent
 from sidecar.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,14 @@ class Follower:
             for sub in self._subs.get(run_id, ()):
                 sub.lost = True
                 sub.ready.set()
+
+    # -- the writer's reports (writer.StoredFeed): passed to the tail -----------------------
+
+    def stored(self, run_id: RunId, events: Sequence[StoredEvent]) -> None:
+        self._tail.stored(run_id, events)
+
+    def abandoned(self, run_id: RunId) -> None:
+        self._tail.abandoned(run_id)
 
     # -- the tail's reports (TailListener) ---------------------------------------------------
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,7 +40,7 @@ from sidecar.errors import StoreError
 from sidecar.keys import RunId
 from sidecar.store.connect import next_message
 from sidecar.store.errors import FOREIGN
-from sidecar.store.tail import READ_COUNT, TailListener, retry_delay
+from sidecar.store.tail import READ_COUNT, StoredEvent, TailListener, retry_delay
 
 if TYPE_CHECKING:
     from sidecar.store.runstore import RunStore
@@ -228,6 +228,13 @@ class ClusterTail:
             link.unsubscribing.add(stream.channel)
             self._unsubscribe.append((link, stream.channel))
             self._route_wake.set()
+
+    def stored(self, run_id: RunId, events: Sequence[StoredEvent]) -> None:
+        """On a cluster every followed run is read after its wake-up, this process's own too
+        (``BlockingTail`` serves those from the writer's reports instead)."""
+
+    def abandoned(self, run_id: RunId) -> None:
+        pass
 
     @property
     def nodes(self) -> list[str]:

@@ -16,13 +16,21 @@ Two sources implement it (``RunStore.live_tail`` picks one by topology, README "
   of the append script wakes it: nothing more per write.
 - ``ClusterTail`` (``cluster_tail.py``; Redis Cluster, where one command may only name keys of
   one slot): sharded pub/sub wake-ups, then pipelined cursor reads.
+
+The runs this process tees need no read at all: the writer reports what Redis confirmed it
+stored (``stored``), and ``BlockingTail`` delivers that straight from the writer's buffer, in
+the round trip's reply, while it follows on from the run's cursor. A run it cannot serve that
+way (a reader behind what is stored, a seq the writer skipped, a run the writer gave up) is
+read from Redis as any other. At 1,000 teed runs with a reader each, reading back what the
+process had just written was 5-6 MB/s of ``XREAD`` replies, parsed entry by entry, and its
+readers lagged 7 s at p99 (``make bench``, readers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.background import Background
@@ -60,6 +68,22 @@ class TailListener(Protocol):
         ...
 
 
+class StoredEvent(Protocol):
+    """An event as the writer confirms it stored (``store.Pending``): what an ``Entry`` holds."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def timestamp_ms(self) -> int: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+
 class LiveTail(Protocol):
     def start(self) -> None: ...
 
@@ -68,6 +92,15 @@ class LiveTail(Protocol):
     def follow(self, run_id: RunId, cursor: int) -> None: ...
 
     def unfollow(self, run_id: RunId) -> None: ...
+
+    def stored(self, run_id: RunId, events: Sequence[StoredEvent]) -> None:
+        """This process's writer stored ``events`` of ``run_id`` (in seq order; Redis
+        confirmed them)."""
+        ...
+
+    def abandoned(self, run_id: RunId) -> None:
+        """This process's writer will store nothing more of ``run_id`` (it gave the run up)."""
+        ...
 
 
 def retry_delay(failures: int) -> float:
@@ -89,6 +122,9 @@ class BlockingTail:
         self._client: Redis = store.dedicated(socket_timeout=self.BLOCK_MS / 1000 + 5, retry=False)
         self._client.set_response_callback("XREAD", raw_reply)  # parsed by parse_entries
         self._cursors: dict[RunId, int] = {}
+        # The runs this process's writer stores, and the last seq it stored of each: a followed
+        # one whose cursor is there gets its entries from the writer (``stored``), not a read.
+        self._local: dict[RunId, int] = {}
         self._reading: Mapping[RunId, int] = {}  # what the read in flight covers
         self._changed = asyncio.Event()
         self._client_id: int | None = None
@@ -111,6 +147,8 @@ class BlockingTail:
         if held is not None and held <= cursor:
             return
         self._cursors[run_id] = cursor
+        if cursor >= self._local.get(run_id, cursor + 1):
+            return  # the writer's reports carry it on from there
         self._changed.set()
         covered = self._reading.get(run_id)
         if covered is None or cursor < covered:
@@ -120,14 +158,57 @@ class BlockingTail:
         # The read in flight may still name it: its entries are dropped when it returns.
         self._cursors.pop(run_id, None)
 
+    def stored(self, run_id: RunId, events: Sequence[StoredEvent]) -> None:
+        last = events[-1]
+        if last.complete:
+            # Its end: nothing more will be stored (a reader that comes later reads Redis).
+            self._local.pop(run_id, None)
+        else:
+            self._local[run_id] = last.seq
+        cursor = self._cursors.get(run_id)
+        if cursor is None or last.seq <= cursor:
+            return
+        start = 0
+        while events[start].seq <= cursor:  # stored again after a lost reply: had already
+            start += 1
+        if events[start].seq != cursor + 1:
+            # Behind what the writer stores now (a reader that joined with an older cursor),
+            # or across a seq the writer skipped: Redis has the run in full, read it there.
+            self._read_again(run_id)
+            return
+        entries = [Entry(e.seq, e.data, e.timestamp_ms, e.complete) for e in events[start:]]
+        self._cursors[run_id] = last.seq
+        self._listener.deliver(run_id, cursor, entries)
+
+    def abandoned(self, run_id: RunId) -> None:
+        if self._local.pop(run_id, None) is not None and run_id in self._cursors:
+            self._read_again(run_id)
+
+    def _read_again(self, run_id: RunId) -> None:
+        """A followed run the writer's reports do not cover: into the blocked read."""
+        self._changed.set()
+        if run_id not in self._reading:
+            self._interrupt()
+
+    def _positions(self) -> dict[RunId, int]:
+        """What the next read covers: every followed run but those the writer keeps current."""
+        local = self._local
+        if not local:
+            return dict(self._cursors)
+        return {
+            run_id: cursor
+            for run_id, cursor in self._cursors.items()
+            if cursor < local.get(run_id, cursor + 1)
+        }
+
     async def _loop(self) -> None:
         failures = 0
         while not self._closed:
-            if not self._cursors:
+            positions = self._positions()
+            if not positions:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            positions = dict(self._cursors)
             self._reading = positions
             self._changed.clear()
             try:

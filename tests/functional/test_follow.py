@@ -1,6 +1,8 @@
 """The follower on the store's live tail (sidecar/follow.py, sidecar/store/tail.py), on a real
 Redis, with both tails: the blocked ``XREAD`` of one Redis and the sharded pub/sub tail that a
-cluster uses (here on one Redis, where the store can run it too).
+cluster uses (here on one Redis, where the store can run it too); and the ``XREAD`` tail told of
+every append as the writer tells it of the runs its process tees (``local``): those it serves
+from the reports, and reads Redis only for readers behind them.
 
 The guarantee under test: readers join at any moment, each with its own cursor (older or newer
 than the tail's), while events keep coming; each gets every event after its cursor exactly once,
@@ -29,19 +31,27 @@ EVENTS = 300
 RUN = "joining"
 
 
-@pytest.fixture(params=["xread", "pubsub"])
+@pytest.fixture(params=["xread", "pubsub", "local"])
 async def follower(
     request: pytest.FixtureRequest, redis_server: RedisServer
 ) -> AsyncIterator[tuple[Follower, Producer, RunStore]]:
-    mode: TailMode = request.param
+    mode: TailMode = "pubsub" if request.param == "pubsub" else "xread"
     store = RunStore(redis_server.url, Keys(), live_tail=mode)
     follower = Follower(store, Metrics())
     follower.start()
     client = redis.asyncio.Redis.from_url(redis_server.url)  # the producer's own
     await client.flushall()
     await client.script_load(Producer.script)
+    producer = Producer(client, wake=mode == "pubsub")
+    if request.param == "local":
+
+        def report(run: str, first: int, last: int) -> None:
+            entries = [Entry(s, f"{run}:{s}".encode(), 0, False) for s in range(first, last + 1)]
+            follower.stored(RunId(run), entries)
+
+        producer.on_acked = report
     try:
-        yield follower, Producer(client, wake=mode == "pubsub"), store
+        yield follower, producer, store
     finally:
         await follower.close()
         await client.aclose()

@@ -815,6 +815,47 @@ async def test_a_reader_is_let_go_when_redis_fails_under_it(
     assert "unavailable" not in outcomes(sc) or "ok" not in outcomes(sc)
 
 
+async def test_readers_of_the_teeing_sidecar_are_served_by_its_writer_not_by_redis_reads(
+    upstream: Upstream,
+    make_sidecar: SidecarFactory,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    """What the sidecar's writer stored reaches the run's readers in that process from the
+    writer itself: the blocked XREAD of the live tail leaves the run out (at most the one read
+    in flight when the reader joined completes). Events are stored one at a time here: read
+    back, each would take an XREAD of its own."""
+    sc = await make_sidecar(heartbeat_seconds=0.2)
+    gates = [Gate() for _ in range(20)]
+    steps: list[Step] = [token("a")]
+    for i, gate in enumerate(gates):
+        steps += [gate, token(f"t{i}")]
+    upstream.sse(PATH, [*steps, stop("end_turn"), DONE])
+
+    async def xread_calls() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(stats.get("cmdstat_xread", {}).get("calls", 0))
+
+    async with http.post(sc.url + PATH, json={}) as live_resp:
+        run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
+        live = LiveReader(live_resp)
+        await live.until(1)
+        await stored_count(redis_client, run_id, 1)
+        async with http.get(sc.url + stream_path(run_id)) as resp:
+            reader = LiveReader(resp)
+            await read_until_bytes(reader, PING)  # caught up on seq 1, following
+            before = await xread_calls()
+            for i, gate in enumerate(gates):
+                gate.open()
+                await reader.until(i + 2)  # stored, and handed to the reader, one by one
+            live_body = await live.rest()
+            body = (await reader.rest(timeout=5)).replace(PING, b"")
+    events = check_whole(live_body)
+    assert len(events) == 23
+    assert split_events(body) == events
+    assert await xread_calls() - before <= 1  # one per stored event when read back
+
+
 async def test_a_live_reader_outrun_by_trimming_gets_an_error_not_a_hole(
     upstream: Upstream,
     make_sidecar: SidecarFactory,
@@ -822,6 +863,9 @@ async def test_a_live_reader_outrun_by_trimming_gets_an_error_not_a_hole(
     http: aiohttp.ClientSession,
 ) -> None:
     sc = await make_sidecar(max_stream_events=5, heartbeat_seconds=0.2)
+    # A replica on the same Redis: its readers follow the run by reading Redis, where the
+    # trimmed events are gone; the teeing sidecar's own readers get them from its writer.
+    replica = await make_sidecar(max_stream_events=5, heartbeat_seconds=0.2)
     gate = Gate()
     # 21 events in one upstream write: one writer round trip appends them all and trims to 5.
     burst = b"".join(token(f"t{i}") for i in range(19)) + stop("end_turn") + DONE
@@ -831,20 +875,27 @@ async def test_a_live_reader_outrun_by_trimming_gets_an_error_not_a_hole(
         live = LiveReader(live_resp)
         await live.until(1)
         await stored_count(redis_client, run_id, 1)
-        async with http.get(sc.url + stream_path(run_id)) as resp:
-            reader = LiveReader(resp)
-            await read_until_bytes(reader, PING)  # following the live tail from seq 1
+        async with (
+            http.get(replica.url + stream_path(run_id)) as resp,
+            http.get(sc.url + stream_path(run_id)) as own_resp,
+        ):
+            reader, own = LiveReader(resp), LiveReader(own_resp)
+            # Both following the live tail from seq 1.
+            await read_until_bytes(reader, PING)
+            await read_until_bytes(own, PING)
             gate.open()
             live_body = await live.rest()
-            # The reader is cut (an unterminated body) rather than handed a hole.
+            # The replica's reader is cut (an unterminated body) rather than handed a hole.
             with pytest.raises(aiohttp.ClientPayloadError):
                 await reader.rest(timeout=3)
             body = reader.body.replace(PING, b"")
+            own_body = (await own.rest(timeout=3)).replace(PING, b"")
     events = check_whole(live_body)
     assert len(events) == 22
     assert sc.metric(P + "stream_trimmed_events_total") == 17
     assert body == events[0]  # seq 1 only: seq 2..17 were trimmed before it could read them
-    assert sc.metric(P + "replay_requests_total", outcome="slow_reader") == 1
+    assert replica.metric(P + "replay_requests_total", outcome="slow_reader") == 1
+    assert split_events(own_body) == events  # every event, as the live client got them
     # Its reconnect is told where history starts now.
     again = await replay(http, sc, run_id, headers={"Last-Event-ID": "1"})
     assert again.status == 410

@@ -37,6 +37,9 @@ class Producer:
     acked: dict[str, int] = field(default_factory=dict)  # run -> last seq Redis confirmed
     replies: dict[str, int] = field(default_factory=dict)  # outcome -> count
     round_trips: int = 0
+    # Told of what Redis confirmed, as the writer tells the live tail of its own runs
+    # (``run, first new seq, last seq``).
+    on_acked: Callable[[str, int, int], None] | None = None
 
     script = APPEND_SCRIPT
     sha = APPEND_SHA
@@ -73,7 +76,9 @@ class Producer:
             code = int(reply[0])
             self._count(f"code {code}")
             assert code == 0, f"append refused for {run}: {reply!r}"
-            self.acked[run] = int(reply[3])
+            known, self.acked[run] = self.acked.get(run, 0), int(reply[3])
+            if self.on_acked is not None and self.acked[run] > known:
+                self.on_acked(run, known + 1, self.acked[run])
         if noscript:  # a promoted replica, or a restarted node: load it (on every primary)
             await self.client.script_load(self.script)
         return ok
