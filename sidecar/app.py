@@ -35,7 +35,6 @@ from sidecar.config import Settings
 from sidecar.ending import Finalizer
 from sidecar.follow import Follower
 from sidecar.keys import Keys
-from sidecar.listen import BatchAcceptSite
 from sidecar.probe import RedisProbe
 from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
@@ -439,7 +438,7 @@ async def serve(
     await runner.setup()
     await admin_runner.setup()
     shared = worker is not None
-    await BatchAcceptSite(
+    await web.TCPSite(
         runner, settings.host, settings.port, backlog=LISTEN_BACKLOG, reuse_port=shared
     ).start()
     if worker is None:

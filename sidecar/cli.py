@@ -112,9 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             supervise(settings)
         else:
-            from sidecar.runtime import run
-
-            run(serve(settings), settings.event_loop)
+            asyncio.run(serve(settings))
         return 0
     if args.command == "demo-upstream":
         from sidecar.demo.upstream import run_upstream

@@ -206,11 +206,6 @@ class Settings(BaseSettings):
         "raise its thresholds (10,000, 50, 100): fewer and shorter collector pauses with many "
         "connections open.",
     )
-    event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop",
-        description="The event loop the server runs on: uvloop (libuv; cheaper socket I/O and "
-        "callbacks per event) or the standard library's asyncio loop.",
-    )
     request_body_idle_timeout_seconds: float = Field(
         30.0,
         gt=0,

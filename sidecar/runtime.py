@@ -1,9 +1,4 @@
-"""The process the sidecar runs in: its event loop and its garbage collector.
-
-The loop is uvloop's by default (``event_loop``): the per-event cost of a tee is mostly the
-loop's work on sockets, callbacks and futures (a read of the upstream, a write to the client, a
-wake-up of the writer), and libuv does that work in C. The standard library's loop stays a
-setting away (``event_loop=asyncio``).
+"""The process the sidecar runs in: its garbage collector.
 
 A sidecar is a long-lived server whose heap grows with its connections (a thousand streams and
 their readers hold a few hundred thousand objects) while each event allocates and frees a few
@@ -23,15 +18,10 @@ larger young threshold (50,000) made the rarer collections longer (up to 198 ms)
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # A young collection every 10,000 net allocations (default 700), a middle one every 50 young ones
 # (10), a full one every 100 middle ones (10) and, CPython's own rule, only once the long-lived
@@ -45,18 +35,3 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), GC_THRESHOLDS)
-
-
-def loop_factory(kind: Literal["uvloop", "asyncio"]) -> Callable[[], asyncio.AbstractEventLoop]:
-    if kind == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop
-    return asyncio.new_event_loop
-
-
-def run(main: Coroutine[Any, Any, T], kind: Literal["uvloop", "asyncio"]) -> T:
-    """``asyncio.run`` on the chosen event loop (Python 3.11's ``asyncio.run`` takes no
-    factory; its ``Runner`` does)."""
-    with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
-        return runner.run(main)

@@ -78,9 +78,7 @@ def worker_main(settings: Settings, spec: WorkerSpec) -> None:
     from sidecar.telemetry import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
-    from sidecar.runtime import run
-
-    run(serve(settings, worker=spec), settings.event_loop)
+    asyncio.run(serve(settings, worker=spec))
 
 
 async def watch_supervisor(spec: WorkerSpec, stop: asyncio.Event) -> None:
