@@ -81,7 +81,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="A writer round trip waits this long for events of other runs to go with "
-        "it (not when a full batch waits): fewer round trips at light load; 0 sends at once.",
+        "it (not when a full batch, a claim or a lease renewal waits): fewer round trips at "
+        "light load; 0 sends at once.",
     )
     writer_max_bytes: int = Field(
         64 << 20,

@@ -2,12 +2,13 @@
 
 One task per process owns the writes. A round trip waits ``flush_gather_seconds`` (2 ms) for
 events of other runs to go with the first one, and while a round trip is in flight new events of
-all runs gather and go in the next one (at most ``flush_max_events`` per trip; a full batch does
-not wait). So batches grow with load, and at light load a round trip is not spent on each
-event: at 100 streams x 20 events/s the writer made a round trip every third event and was a
-fifth of the process's CPU (py-spy); the wait costs a replay reader at most those 2 ms, the live
-client nothing. Each run's batch is one call of the store's append script: events and meta land
-atomically, and a batch retried after a lost reply is deduplicated by seq.
+all runs gather and go in the next one (at most ``flush_max_events`` per trip; a full batch, and
+a claim or lease renewal, does not wait). So batches grow with load, and at light load a round
+trip is not spent on each event: at 100 streams x 20 events/s the writer made a round trip every
+third event and was a fifth of the process's CPU (py-spy); the wait costs a replay reader at
+most those 2 ms, the live client nothing. Each run's batch is one call of the store's append
+script: events and meta land atomically, and a batch retried after a lost reply is deduplicated
+by seq.
 
 Claims and lease renewals never queue behind a backlog: every round trip carries all of them
 first, whatever the event budget, so a run's lease is renewed as soon as Redis answers again
@@ -366,7 +367,8 @@ class Writer:
             await self._wake.wait()
             self._wake.clear()
             while self._dirty or self._leases or self._ended or self._aliases:
-                if self._gather and self._pending_events < self._max_events:
+                if self._gather and not self._urgent and self._pending_events < self._max_events:
+                    # Claims and renewals do not wait: a new run's first events go at once.
                     await asyncio.sleep(self._gather)
                 if await self._round():
                     self._failed_rounds = 0

@@ -360,3 +360,12 @@ async def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> tupl
     status_line, _, remainder = raw.partition(b"\r\n")
     _, _, body = remainder.partition(b"\r\n\r\n")
     return int(status_line.split()[1]), body
+
+
+async def stored_count(redis_client: redis.asyncio.Redis, run_id: RunId, n: int) -> None:
+    """Until Redis holds at least ``n`` events of the run."""
+
+    async def there() -> bool:
+        return len(await stored(redis_client, run_id)) >= n
+
+    await eventually(there, what=f"{n} stored events of {run_id}")

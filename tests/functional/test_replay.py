@@ -40,6 +40,7 @@ from tests.functional.helpers import (
     split_events,
     stop,
     stored,
+    stored_count,
     stream,
     token,
     write_run,
@@ -91,13 +92,6 @@ async def finished_run(
     assert view.status == 200
     await sc.flushed()
     return view
-
-
-async def stored_count(redis_client: redis.asyncio.Redis, run_id: RunId, n: int) -> None:
-    async def there() -> bool:
-        return len(await stored(redis_client, run_id)) >= n
-
-    await eventually(there, what=f"{n} stored events of {run_id}")
 
 
 def check_whole(body: bytes) -> list[bytes]:

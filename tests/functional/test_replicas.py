@@ -30,6 +30,7 @@ from tests.functional.helpers import (
     payloads,
     stop,
     stored,
+    stored_count,
     token,
 )
 from tests.functional.replicas import Replica, Replicas
@@ -135,6 +136,7 @@ async def test_cancel_on_b_stops_the_run_produced_on_a(
         await live.until(2)
         await gate.reached.wait()
         run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
+        await stored_count(redis_client, run_id, 2)  # b knows the run from Redis
         async with http.get(b.run_url(run_id, "/stream")) as on_b:
             follower = LiveReader(on_b)
             await follower.until(2)
