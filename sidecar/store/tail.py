@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_COUNT = 1000  # entries per run and read; a full page is read again at once
+# Stored events held for a run whose cursor is behind them, at most (past it: read from Redis).
+MAX_HELD = 1000
 BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
 
@@ -125,6 +127,11 @@ class BlockingTail:
         # The runs this process's writer stores, and the last seq it stored of each: a followed
         # one whose cursor is there gets its entries from the writer (``stored``), not a read.
         self._local: dict[RunId, int] = {}
+        # What the writer stored past a followed run's cursor while the cursor was behind it
+        # (a reader that joined with an older cursor): kept until the read that fills the gap
+        # has come, then delivered from here. Without it a busy process never caught up: its
+        # read took longer than the writer's next round trip, every time.
+        self._held: dict[RunId, list[StoredEvent]] = {}
         self._reading: Mapping[RunId, int] = {}  # what the read in flight covers
         self._changed = asyncio.Event()
         self._client_id: int | None = None
@@ -157,6 +164,7 @@ class BlockingTail:
     def unfollow(self, run_id: RunId) -> None:
         # The read in flight may still name it: its entries are dropped when it returns.
         self._cursors.pop(run_id, None)
+        self._held.pop(run_id, None)
 
     def stored(self, run_id: RunId, events: Sequence[StoredEvent]) -> None:
         last = events[-1]
@@ -165,22 +173,40 @@ class BlockingTail:
             self._local.pop(run_id, None)
         else:
             self._local[run_id] = last.seq
+        if run_id not in self._cursors:
+            return
+        held = self._held.get(run_id)
+        if held is not None:
+            if len(held) + len(events) > MAX_HELD:
+                del self._held[run_id]  # the read catches up on all of it
+            else:
+                held.extend(events)
+            return
+        self._held[run_id] = list(events)
+        self._pass_held(run_id)
+
+    def _pass_held(self, run_id: RunId) -> None:
+        """Deliver what is held for the run from its cursor on, if it follows on from it."""
+        held = self._held.pop(run_id, None)
         cursor = self._cursors.get(run_id)
-        if cursor is None or last.seq <= cursor:
+        if held is None or cursor is None or held[-1].seq <= cursor:
             return
         start = 0
-        while events[start].seq <= cursor:  # stored again after a lost reply: had already
+        while held[start].seq <= cursor:  # read already, or stored again after a lost reply
             start += 1
-        if events[start].seq != cursor + 1:
-            # Behind what the writer stores now (a reader that joined with an older cursor),
-            # or across a seq the writer skipped: Redis has the run in full, read it there.
+        if held[start].seq != cursor + 1:
+            # Behind what the writer stores now (a reader that joined with an older cursor), or
+            # across a seq the writer skipped: Redis has the run in full, read it there; this
+            # waits for that read.
+            self._held[run_id] = held[start:]
             self._read_again(run_id)
             return
-        entries = [Entry(e.seq, e.data, e.timestamp_ms, e.complete) for e in events[start:]]
-        self._cursors[run_id] = last.seq
+        entries = [Entry(e.seq, e.data, e.timestamp_ms, e.complete) for e in held[start:]]
+        self._cursors[run_id] = entries[-1].seq
         self._listener.deliver(run_id, cursor, entries)
 
     def abandoned(self, run_id: RunId) -> None:
+        self._held.pop(run_id, None)
         if self._local.pop(run_id, None) is not None and run_id in self._cursors:
             self._read_again(run_id)
 
@@ -236,6 +262,8 @@ class BlockingTail:
                     continue
                 self._cursors[run_id] = entries[-1].seq
                 self._listener.deliver(run_id, after, entries)
+                if run_id in self._held:
+                    self._pass_held(run_id)
 
     async def _read(self, positions: Mapping[RunId, int]) -> dict[RunId, list[Entry]]:
         keys = self._keys
