@@ -9,6 +9,7 @@ died (its lease expired) is ended with the ``producer_lost`` terminal by whoever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -92,6 +93,20 @@ async def finished_run(
     assert view.status == 200
     await sc.flushed()
     return view
+
+
+@contextlib.asynccontextmanager
+async def streaming_run(
+    http: aiohttp.ClientSession, sc: Sidecar, redis_client: redis.asyncio.Redis
+) -> AsyncIterator[tuple[RunId, LiveReader]]:
+    """A run streaming through ``sc`` (on PATH) with its live client, its first event in and
+    stored."""
+    async with http.post(sc.url + PATH, json={}) as live_resp:
+        run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
+        live = LiveReader(live_resp)
+        await live.until(1)
+        await stored_count(redis_client, run_id, 1)
+        yield run_id, live
 
 
 def check_whole(body: bytes) -> list[bytes]:
@@ -737,11 +752,7 @@ async def test_a_cursor_past_the_end_of_a_running_run_does_not_hang_forever(
     sc = await make_sidecar(heartbeat_seconds=0.2)
     gate = Gate()
     upstream.sse(PATH, [token("a"), gate, stop("end_turn"), DONE])
-    async with http.post(sc.url + PATH, json={}) as live_resp:
-        run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
-        live = LiveReader(live_resp)
-        await live.until(1)
-        await stored_count(redis_client, run_id, 1)
+    async with streaming_run(http, sc, redis_client) as (run_id, live):
         url = sc.url + stream_path(run_id)
         try:
             async with http.get(url, headers={"Last-Event-ID": "50"}) as resp:
@@ -776,11 +787,7 @@ async def test_a_reader_is_let_go_when_redis_fails_under_it(
     gate = Gate()
     upstream.sse(PATH, [token("a"), gate, stop("end_turn"), DONE])
     try:
-        async with http.post(sc.url + PATH, json={}) as live_resp:
-            run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
-            live = LiveReader(live_resp)
-            await live.until(1)
-            await stored_count(client, run_id, 1)
+        async with streaming_run(http, sc, client) as (run_id, live):
             async with http.get(sc.url + stream_path(run_id)) as resp:
                 reader = LiveReader(resp)
                 await read_until_bytes(reader, PING)
@@ -830,20 +837,18 @@ async def test_readers_of_the_teeing_sidecar_are_served_by_its_writer_not_by_red
         stats = await redis_client.info("commandstats")
         return int(stats.get("cmdstat_xread", {}).get("calls", 0))
 
-    async with http.post(sc.url + PATH, json={}) as live_resp:
-        run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
-        live = LiveReader(live_resp)
-        await live.until(1)
-        await stored_count(redis_client, run_id, 1)
-        async with http.get(sc.url + stream_path(run_id)) as resp:
-            reader = LiveReader(resp)
-            await read_until_bytes(reader, PING)  # caught up on seq 1, following
-            before = await xread_calls()
-            for i, gate in enumerate(gates):
-                gate.open()
-                await reader.until(i + 2)  # stored, and handed to the reader, one by one
-            live_body = await live.rest()
-            body = (await reader.rest(timeout=5)).replace(PING, b"")
+    async with (
+        streaming_run(http, sc, redis_client) as (run_id, live),
+        http.get(sc.url + stream_path(run_id)) as resp,
+    ):
+        reader = LiveReader(resp)
+        await read_until_bytes(reader, PING)  # caught up on seq 1, following
+        before = await xread_calls()
+        for i, gate in enumerate(gates):
+            gate.open()
+            await reader.until(i + 2)  # stored, and handed to the reader, one by one
+        live_body = await live.rest()
+        body = (await reader.rest(timeout=5)).replace(PING, b"")
     events = check_whole(live_body)
     assert len(events) == 23
     assert split_events(body) == events
@@ -864,26 +869,22 @@ async def test_a_live_reader_outrun_by_trimming_gets_an_error_not_a_hole(
     # 21 events in one upstream write: one writer round trip appends them all and trims to 5.
     burst = b"".join(token(f"t{i}") for i in range(19)) + stop("end_turn") + DONE
     upstream.sse(PATH, [token("a"), gate, burst])
-    async with http.post(sc.url + PATH, json={}) as live_resp:
-        run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
-        live = LiveReader(live_resp)
-        await live.until(1)
-        await stored_count(redis_client, run_id, 1)
-        async with (
-            http.get(replica.url + stream_path(run_id)) as resp,
-            http.get(sc.url + stream_path(run_id)) as own_resp,
-        ):
-            reader, own = LiveReader(resp), LiveReader(own_resp)
-            # Both following the live tail from seq 1.
-            await read_until_bytes(reader, PING)
-            await read_until_bytes(own, PING)
-            gate.open()
-            live_body = await live.rest()
-            # The replica's reader is cut (an unterminated body) rather than handed a hole.
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await reader.rest(timeout=3)
-            body = reader.body.replace(PING, b"")
-            own_body = (await own.rest(timeout=3)).replace(PING, b"")
+    async with (
+        streaming_run(http, sc, redis_client) as (run_id, live),
+        http.get(replica.url + stream_path(run_id)) as resp,
+        http.get(sc.url + stream_path(run_id)) as own_resp,
+    ):
+        reader, own = LiveReader(resp), LiveReader(own_resp)
+        # Both following the live tail from seq 1.
+        await read_until_bytes(reader, PING)
+        await read_until_bytes(own, PING)
+        gate.open()
+        live_body = await live.rest()
+        # The replica's reader is cut (an unterminated body) rather than handed a hole.
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reader.rest(timeout=3)
+        body = reader.body.replace(PING, b"")
+        own_body = (await own.rest(timeout=3)).replace(PING, b"")
     events = check_whole(live_body)
     assert len(events) == 22
     assert sc.metric(P + "stream_trimmed_events_total") == 17
@@ -908,11 +909,7 @@ async def test_status_of_a_running_then_finished_run(
     sc = await make_sidecar()
     gate = Gate()
     upstream.sse(PATH, [token("a"), gate, token("b"), stop("end_turn"), DONE])
-    async with http.post(sc.url + PATH, json={}) as live_resp:
-        run_id = RunId(live_resp.headers["X-Sidecar-Run-Id"])
-        live = LiveReader(live_resp)
-        await live.until(1)
-        await stored_count(redis_client, run_id, 1)
+    async with streaming_run(http, sc, redis_client) as (run_id, live):
         async with http.get(f"{sc.url}/sidecar/v1/runs/{run_id}") as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("application/json")
