@@ -128,6 +128,9 @@ class Writer:
         self._maxlen = max_stream_events
         self._lease_ms = int(lease_seconds * 1000)
         self._tracer = tracer if tracer is not None else trace.NoOpTracer()
+        # Without tracing a flush's span links are built for nothing (a Link per run per round
+        # trip: 2.8 % of the samples at 1,000 streams with readers).
+        self._links = not isinstance(self._tracer, trace.NoOpTracer)
         self._dirty: OrderedDict[RunStream, None] = OrderedDict()
         self._urgent: OrderedDict[RunStream, None] = OrderedDict()
         self._leases: dict[RunId, int] = {}  # lease index additions for the next round trip
@@ -404,7 +407,11 @@ class Writer:
             # Only bookkeeping (the lease index, aliases): not a flush of any run.
             return await self._send(batch, trace.INVALID_SPAN) != "error"
         n_events = sum(n for _, n, _ in batch)
-        links = [Link(run.span_context) for run, _, _ in batch if run.span_context is not None]
+        links = (
+            [Link(run.span_context) for run, _, _ in batch if run.span_context is not None]
+            if self._links
+            else None
+        )
         with self._tracer.start_as_current_span(
             "sse.flush",
             kind=SpanKind.CLIENT,
