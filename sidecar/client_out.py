@@ -9,9 +9,10 @@ or one write has waited ``write_timeout`` seconds, the client is *cut*: its conn
 
 While the client keeps up (nothing queued, no write under way, nothing waiting in the process
 for the kernel), ``send`` writes the chunk to the connection itself, framed as aiohttp frames a
-chunked body: a hop through the client's task (an event set, a task step, a write under a
-timeout scope) for every upstream chunk was a fifth of the per-event cost at 1,000 streams. A
-client that falls behind is served by its task as before, bounded and under the write timeout.
+chunked body. The hop through the client's task (an event set, a task step, a write under a
+timeout scope) for every upstream chunk cost 7 % of the CPU per event at 1,000 streams with a
+reader each (97.6 vs 104.7 µs, an interleaved bench run). A client that falls behind is served
+by its task as before, bounded and under the write timeout.
 """
 
 from __future__ import annotations
