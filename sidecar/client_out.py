@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+def http_chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked HTTP/1.1 body, framed as aiohttp frames it; nothing for
+    no data (an empty chunk would end the body). For writes that bypass aiohttp's writer."""
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+
+
 def reset(transport: asyncio.Transport) -> None:
     """Cut a client that stopped reading. A reset, not a close: a close would leave the unread
     bytes in the kernel (and the connection open) for a client that does not read, and look
@@ -97,8 +103,8 @@ class LiveClient:
             and not transport.is_closing()
             and not transport.get_write_buffer_size()
         ):
-            if data:
-                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if frame := http_chunk(data):
+                transport.write(frame)
             return
         if self._held + len(data) > self._bound:
             self._cut("buffer", f"{self._held + len(data)} bytes would wait for it")

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.background import Background
+from sidecar.client_out import http_chunk
 from sidecar.errors import StoreError
 from sidecar.keys import RunId
 from sidecar.store import Entry, RunStore, backoff
@@ -231,9 +232,8 @@ class Follower:
                 continue
             frame = frames.get(start)
             if frame is None:
-                body = b"".join(e.data for e in entries[start:])
-                # An empty chunk would end the body (an end entry can be empty: generic).
-                frame = frames[start] = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+                # Empty for an end entry without bytes (generic): nothing is written.
+                frame = frames[start] = http_chunk(b"".join(e.data for e in entries[start:]))
             if frame:
                 sink.transport.write(frame)
             sink.events += len(entries) - start
