@@ -366,13 +366,15 @@ def idle_table(idle: dict[str, Any]) -> str:
                 f"{r['readers']:,} on {r['runs']:,} run{'s' if r['runs'] > 1 else ''}",
                 f"{r['window_s']:.0f}",
                 str(r["redis_connections"]),
+                str(r.get("redis_connections_idle", "-")),
                 _num(r["commands_per_s"], 1),
                 _num(r["rss_delta_mib"], 1),
                 _num(r["cpu_cores"], 3),
                 f"{r['closed']['alive_at_close']:,}",
             ]
         )
-    head = ["reader", "readers", "window s", "Redis connections", "Redis commands/s"]
+    head = ["reader", "readers", "window s", "Redis connections after opening"]
+    head += ["at the window's end", "Redis commands/s"]
     head += ["RSS + MiB", "CPU cores", "readers still streaming"]
     return (
         "Idle readers: running runs, nothing written while the window lasts (the sidecar's "
@@ -485,15 +487,25 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             text += f", {x:.2f}x Letta"
             met = met and x >= 2
         out.append(("catch-up ≥ 250,000 events/s and ≥ 2x Letta", text, met))
+        if "letta" in cu:
+            out.append(
+                (
+                    "issue 15: catch-up ≥ 1.5x Letta's in-process reader",
+                    f"{x:.2f}x ({c:,.0f} vs {med(cu['letta']['events_per_s']):,.0f} events/s)",
+                    x >= 1.5,
+                )
+            )
     for label, r in res.get("idle", {}).items():
         if not label.startswith("sidecar"):
             continue
-        ok = r["redis_connections"] <= 4 and r["commands_per_s"] <= 1
+        idle = r.get("redis_connections_idle", r["redis_connections"])
+        ok = idle <= 4 and r["commands_per_s"] <= 1
         out.append(
             (
                 f"≤ 4 Redis connections, ≤ 1 command/s, {r['readers']:,} idle readers on "
                 f"{r['runs']:,} run{'s' if r['runs'] > 1 else ''}",
-                f"{r['redis_connections']} connections, {r['commands_per_s']:.2f} commands/s",
+                f"{idle} connections ({r['redis_connections']} right after the readers "
+                f"opened), {r['commands_per_s']:.2f} commands/s",
                 ok,
             )
         )

@@ -667,7 +667,8 @@ class Bench:
             out[label] = res
             self.log(
                 f"  idle {k} readers on {runs} run(s) {peer:<7}: {res['redis_connections']} Redis "
-                f"connections, {res['commands_per_s']:.1f} commands/s, "
+                f"connections after opening, {res['redis_connections_idle']} at the end, "
+                f"{res['commands_per_s']:.1f} commands/s, "
                 f"RSS +{res['rss_delta_mib']:.1f} MiB, "
                 f"{res['closed']['alive_at_close']} readers still streaming"
             )
@@ -709,6 +710,9 @@ class Bench:
         window = time.perf_counter() - t0
         cpu = proc_cpu_seconds(pid) - cpu0
         delta = RedisStats.take(self.r).minus(rs0)
+        # At the window's end: the connections idle readers hold (the opening burst's extra
+        # pooled connections are closed once unused, connect.POOL_IDLE_SECONDS).
+        conns_idle = redis_connections_of(self.r, pid)
         rss = _rss(pid)
         closed = worker.call("close_readers")
         return {
@@ -718,6 +722,7 @@ class Bench:
             "closed": closed,
             "redis_connections_before": conns0,
             "redis_connections": conns,
+            "redis_connections_idle": conns_idle,
             "window_s": window,
             "commands_per_s": delta["commands"] / window,
             "by_command_per_s": {k: v / window for k, v in delta["by_command"].items()},

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -34,13 +35,19 @@ from sidecar.keys import RunId
 from sidecar.request_body import read_body
 from sidecar.runs import RunRegistry
 from sidecar.sse import encode_comment, encode_event
-from sidecar.store import Entry, RunMeta, RunStore
+from sidecar.store import Entry, Page, RunMeta, RunStore
 from sidecar.telemetry import Metrics
 from sidecar.tracing import exemplar
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 100
+# Catch-up pages asked for ahead of the one being written (see ``Replayer._send_all``).
+READ_AHEAD = 2
+# How far catch-up pages grow while they come back whole (``_grown``): per reader, the pages
+# read ahead hold about READ_AHEAD + 1 times GROWN_PAGE_BYTES.
+GROWN_PAGE_EVENTS = 1000
+GROWN_PAGE_BYTES = 128 << 10
 MAX_BATCH = 10_000
 MAX_CURSOR = 10**18 - 1  # what fits the header and query forms (18 digits)
 MAX_BODY_BYTES = 64 << 10  # a replay body is four small fields
@@ -260,37 +267,11 @@ class Replayer:
         transport: asyncio.Transport | None,
     ) -> bool:
         """Stream from history, then live; True when the stream ended cleanly (nothing more)."""
-        batch = params.batch_size
-        # The next page is read while this one is written: in series, a catch-up waits a Redis
-        # round trip and a client write per page, and the sidecar sat idle half the time.
-        pending: asyncio.Task[list[Entry]] | None = None
-        try:
-            while True:
-                if pending is None:
-                    entries = await self._store.entries_after(run_id, cursor, batch)
-                else:
-                    entries, pending = await pending, None
-                if entries:
-                    stored = max(stored, entries[-1].seq)
-                contiguous = _contiguous(entries, cursor)
-                if contiguous:
-                    cursor = contiguous[-1].seq
-                    if len(entries) == batch == len(contiguous) and not contiguous[-1].complete:
-                        pending = asyncio.create_task(
-                            self._store.entries_after(run_id, cursor, batch)
-                        )
-                    if await self._write(resp, contiguous, sent, live=False):
-                        return True
-                if len(contiguous) < len(entries):
-                    await self._hole(resp, run_id, cursor, vanished=False)
-                    return False
-                if len(entries) < batch:
-                    break
-        finally:
-            if pending is not None:
-                # Its outcome (a page, or an error) is no longer wanted; retrieved, not logged.
-                pending.cancel()
-                pending.add_done_callback(_discard)
+        ended, cursor, stored = await self._catch_up(
+            resp, run_id, cursor, params.batch_size, sent, stored
+        )
+        if ended is not None:
+            return ended
         sub = self._follower.subscribe(run_id, cursor, self._buffer_bytes, stored=stored)
         if resp.chunked and transport is not None:
             sub.sink = Sink(transport, linked=exemplar())
@@ -312,7 +293,7 @@ class Replayer:
                 entries = sub.take()
                 if entries:
                     cursor = entries[-1].seq
-                    if await self._write(resp, entries, sent, live=True):
+                    if await self._write(resp, entries, sent):
                         return True
                 if sub.ended:
                     # Its reconnect gets 204: a clean end is the truth here.
@@ -335,6 +316,60 @@ class Replayer:
             self._follower.unsubscribe(sub)
             if sub.sink is not None:
                 sent.events += sub.sink.events
+
+    async def _catch_up(
+        self,
+        resp: web.StreamResponse,
+        run_id: RunId,
+        cursor: int,
+        batch: int,
+        sent: _Sent,
+        stored: int,
+    ) -> tuple[bool | None, int, int]:
+        """Send the stored events after ``cursor``, page by page: (True: the run's end was sent,
+        False: cut at a hole, None: all stored ones sent, go live), the cursor, the newest seq
+        seen stored.
+
+        Pages are read ahead while one is written: in series, a catch-up waits a Redis round
+        trip and a client write per page, and the sidecar sat idle half the time. Once a page
+        came back whole (as many events as asked for: the run goes on), the next READ_AHEAD
+        pages are asked for, each after the seq the page before it ends at if it is whole too
+        (a run's seqs are contiguous); a page that is not whole discards the guesses after it.
+        And pages grow (``_grown``) from ``batch`` while they come back whole: per page, the
+        round trip and the write cost as much as a few hundred events' bytes.
+        """
+        size = batch
+        ahead: deque[tuple[int, int, asyncio.Task[Page]]] = deque()  # (after seq, size, read)
+        try:
+            while True:
+                if ahead:
+                    start, asked, task = ahead.popleft()
+                    assert start == cursor
+                    page = await task
+                else:
+                    asked = size
+                    page = await self._store.page_after(run_id, cursor, asked)
+                stored = max(stored, page.newest)
+                if page.events:
+                    cursor = page.last
+                    if page.read == asked == page.events and not page.complete:
+                        size = _grown(size, len(page.data) // page.events)
+                        start = ahead[-1][0] + ahead[-1][1] if ahead else cursor
+                        while len(ahead) < READ_AHEAD:
+                            read = self._store.page_after(run_id, start, size)
+                            ahead.append((start, size, asyncio.create_task(read)))
+                            start += size
+                    else:
+                        _drop(ahead)
+                    if await self._send_page(resp, page, sent):
+                        return True, cursor, stored
+                if page.events < page.read:
+                    await self._hole(resp, run_id, cursor, vanished=False)
+                    return False, cursor, stored
+                if page.read < asked:
+                    return None, cursor, stored
+        finally:
+            _drop(ahead)
 
     async def _hole(
         self, resp: web.StreamResponse, run_id: RunId, cursor: int, *, vanished: bool
@@ -364,20 +399,25 @@ class Replayer:
         async with asyncio.timeout(self._write_timeout):
             await resp.write(encode_event(orjson.dumps(error).decode(), event="error"))
 
-    async def _write(
-        self, resp: web.StreamResponse, entries: list[Entry], sent: _Sent, *, live: bool
-    ) -> bool:
-        """Send entries; True once the run's last entry went out."""
+    async def _send_page(self, resp: web.StreamResponse, page: Page, sent: _Sent) -> bool:
+        """Send a catch-up page; True if it ends with the run's last entry."""
+        async with asyncio.timeout(self._write_timeout):
+            await resp.write(page.data)
+        sent.events += page.events
+        self._m.replay_events.inc(page.events)
+        return page.complete
+
+    async def _write(self, resp: web.StreamResponse, entries: list[Entry], sent: _Sent) -> bool:
+        """Send live entries; True once the run's last entry went out."""
         async with asyncio.timeout(self._write_timeout):
             await resp.write(b"".join(e.data for e in entries))
         sent.events += len(entries)
         self._m.replay_events.inc(len(entries))
-        if live:
-            now_ms = time.time() * 1000
-            linked = exemplar()
-            for e in entries:
-                lag = max(0.0, (now_ms - e.timestamp_ms) / 1000)
-                self._m.replay_delivery_lag.observe(lag, linked)
+        now_ms = time.time() * 1000
+        linked = exemplar()
+        for e in entries:
+            lag = max(0.0, (now_ms - e.timestamp_ms) / 1000)
+            self._m.replay_delivery_lag.observe(lag, linked)
         return entries[-1].complete
 
     async def _heartbeat_ping(
@@ -388,17 +428,26 @@ class Replayer:
             await resp.write(ping_event(run_id) if params.include_pings else PING_COMMENT)
 
 
-def _discard(task: asyncio.Task[list[Entry]]) -> None:
+def _grown(size: int, event_bytes: int) -> int:
+    """The next catch-up page's size after a whole one of ``size``: doubled, up to
+    GROWN_PAGE_EVENTS events and about GROWN_PAGE_BYTES (a page read ahead is held in memory);
+    never below what the reader asked for."""
+    cap = min(GROWN_PAGE_EVENTS, GROWN_PAGE_BYTES // max(event_bytes, 1))
+    return max(size, min(2 * size, cap))
+
+
+def _drop(ahead: deque[tuple[int, int, asyncio.Task[Page]]]) -> None:
+    """Cancel pages read ahead whose outcome (a page, or an error) is no longer wanted;
+    retrieved, not logged."""
+    while ahead:
+        *_, task = ahead.pop()
+        task.cancel()
+        task.add_done_callback(_discard)
+
+
+def _discard(task: asyncio.Task[Page]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _contiguous(entries: list[Entry], cursor: int) -> list[Entry]:
-    """The entries that follow ``cursor`` without a hole (seqs are contiguous when whole)."""
-    for i, entry in enumerate(entries):
-        if entry.seq != cursor + i + 1:
-            return entries[:i]
-    return entries
 
 
 def _loss(meta: RunMeta, seq: int) -> dict[str, Any] | None:

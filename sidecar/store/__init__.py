@@ -7,7 +7,7 @@ writer, the follower, the replay, the API, the orphan sweep and the finalizer ta
 to redis-py; the follower drives its ``LiveTail``.
 """
 
-from sidecar.store.entries import Entry
+from sidecar.store.entries import Entry, Page
 from sidecar.store.meta import RunMeta
 from sidecar.store.runstore import (
     AppendOp,
@@ -34,6 +34,7 @@ __all__ = [
     "FinalizeStatus",
     "Health",
     "LiveTail",
+    "Page",
     "Pending",
     "RunMeta",
     "RunStore",

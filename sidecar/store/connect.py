@@ -13,6 +13,8 @@ connections the sidecar keeps besides it.
   connection).
 - ``pubsub()``: a ``PubSub`` on a connection of its own (the cancel channel; on a cluster, a
   classic ``PUBLISH`` reaches every node, so one connection to any node will do).
+- ``trim_idle(pool)``: closes the general pool's connections that sat unused for
+  ``POOL_IDLE_SECONDS`` (run it as a supervised background task; one Redis and Sentinel).
 - ``SentinelClients.watch_failovers()``: follows the sentinels' announcements (run it as a
   supervised background task), and ``wait_writable`` holds writes while a failover is under way.
 - ``ClusterClients.node_pubsub(host, port)``: a ``PubSub`` on a connection of its own to one
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +126,53 @@ def _socket(
     }
 
 
+# A pooled connection unused for this long is closed (one Redis, Sentinel): a burst (1,000 replay
+# starts, a backlog of writes) opens up to ``max_connections``, and redis-py keeps every
+# connection it opened for the life of the pool.
+POOL_IDLE_SECONDS = 10.0
+
+
+class TrimmedPool(BlockingConnectionPool):
+    """redis-py's blocking pool, plus ``stale``: the free connections unused for a while, taken
+    out of the pool to be closed.
+
+    Hand-written because redis-py has no idle timeout. Its free list is a stack (a release
+    appends, a checkout takes the last), so under light load the same connection or two serve
+    every command while the rest age at the list's head; a connection in use is never touched.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._released: weakref.WeakKeyDictionary[AbstractConnection, float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def release(self, connection: AbstractConnection) -> None:
+        self._released[connection] = time.monotonic()
+        await super().release(connection)
+
+    def stale(self, idle_seconds: float) -> list[AbstractConnection]:
+        """Take the free connections unused for ``idle_seconds`` out of the pool, oldest first,
+        keeping the newest one (the caller disconnects them). Synchronous, so no checkout can
+        interleave: what it takes, the pool no longer hands out."""
+        cutoff = time.monotonic() - idle_seconds
+        free: list[AbstractConnection] = self._available_connections  # oldest first
+        out: list[AbstractConnection] = []
+        while len(free) > 1 and self._released.get(free[0], 0.0) < cutoff:
+            out.append(free.pop(0))
+        return out
+
+
+async def trim_idle(pool: ConnectionPool, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
+    """Forever: close the pool's connections that sat unused for ``idle_seconds``."""
+    assert isinstance(pool, TrimmedPool)
+    while True:
+        await asyncio.sleep(idle_seconds / 4)
+        for connection in pool.stale(idle_seconds):
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await connection.disconnect()
+
+
 class SingleClients:
     """One Redis (TCP, TLS or a Unix socket)."""
 
@@ -139,7 +189,7 @@ class SingleClients:
             if target.tls is not None:
                 self._kwargs.update(connection_class=SSLConnection, **_tls(target.tls))
         self.general = Redis.from_pool(
-            BlockingConnectionPool(
+            TrimmedPool(
                 max_connections=options.max_connections,
                 timeout=options.timeout,
                 **self._kwargs,
@@ -204,9 +254,9 @@ FAILOVER_FAILED = "+failover-end-for-timeout"
 WRITE_PAUSE_SECONDS = 5.0
 
 
-class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+class BlockingSentinelConnectionPool(SentinelConnectionPool, TrimmedPool):
     """redis-py's Sentinel pool (finds and follows the primary) with the blocking pool's bound
-    (waits for a free connection instead of raising at ``max_connections``)."""
+    (waits for a free connection instead of raising at ``max_connections``) and idle trim."""
 
 
 class SentinelClients:

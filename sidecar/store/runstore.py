@@ -23,6 +23,7 @@ One Redis, Sentinel or Cluster (``SSE_SIDECAR_REDIS_URL``, ``url.py``), through 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -48,13 +49,15 @@ from sidecar.keys import Keys, RunId, validate_run_id
 from sidecar.store.batch import ReadBatcher
 from sidecar.store.cluster_tail import ClusterRouting, ClusterTail, SingleRouting
 from sidecar.store.connect import (
+    POOL_IDLE_SECONDS,
     ClientOptions,
     ClusterClients,
     SentinelClients,
     connect,
     next_message,
+    trim_idle,
 )
-from sidecar.store.entries import Entry, parse_entries, raw_reply, text
+from sidecar.store.entries import Entry, Page, parse_entries, parse_page, raw_reply, text
 from sidecar.store.errors import FOREIGN, POOL_EXHAUSTED, translate, unavailable
 from sidecar.store.meta import RunMeta
 from sidecar.store.tail import BlockingTail, LiveTail, TailListener
@@ -267,6 +270,7 @@ class RunStore:
         timeout: float = 2.0,
         metrics: Metrics | None = None,
         live_tail: TailMode | None = None,
+        pool_idle_seconds: float = POOL_IDLE_SECONDS,
     ) -> None:
         self.keys = keys
         self.health = Health()
@@ -291,6 +295,14 @@ class RunStore:
         self._watch: Background | None = None
         if isinstance(self._clients, SentinelClients):
             self._watch = Background("sse-sentinel-watch", self._clients.watch_failovers, metrics)
+        # The connections a burst opened are closed once unused (connect.TrimmedPool); a
+        # cluster's per-node pools are redis-py's own.
+        self._trim: Background | None = None
+        if isinstance(self._redis, Redis):
+            pool = self._redis.connection_pool
+            self._trim = Background(
+                "sse-pool-trim", functools.partial(trim_idle, pool, pool_idle_seconds), metrics
+            )
         self._epochs: dict[str, str] = {}  # epoch key -> the token this process saw there
         # Replay and status reads, coalesced under bursts (batch.py says why). A cluster's reads
         # go to the node of their slot through redis-py's cluster client instead.
@@ -311,15 +323,20 @@ class RunStore:
         return "sentinel" if isinstance(self._clients, SentinelClients) else "single"
 
     def start(self) -> None:
-        """Start what the store runs in the background (Sentinel's failover watch)."""
+        """Start what the store runs in the background (Sentinel's failover watch, the pool's
+        idle trim)."""
         if self._watch is not None:
             self._watch.start()
+        if self._trim is not None:
+            self._trim.start()
 
     async def aclose(self) -> None:
         if self._reads is not None:
             await self._reads.aclose()
         if self._watch is not None:
             await self._watch.stop()
+        if self._trim is not None:
+            await self._trim.stop()
         await self._clients.aclose()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -690,7 +707,15 @@ class RunStore:
         """Up to ``count`` stored events with seq > ``cursor``, in order."""
         return await self._xrange(run_id, b"(%d-0" % cursor, count)
 
+    async def page_after(self, run_id: RunId, cursor: int, count: int) -> Page:
+        """``entries_after`` as a replay sends them: one ``Page`` (see ``entries.parse_page``)."""
+        return parse_page(await self._xrange_raw(run_id, b"(%d-0" % cursor, count), cursor)
+
     async def _xrange(self, run_id: RunId, start: bytes, count: int) -> list[Entry]:
+        return parse_entries(await self._xrange_raw(run_id, start, count))
+
+    async def _xrange_raw(self, run_id: RunId, start: bytes, count: int) -> Any:
+        """The raw reply of ``XRANGE key start + COUNT count``."""
         key = self.keys.stream(run_id)
         page: Any
         if self._reads is not None:
@@ -700,7 +725,7 @@ class RunStore:
         else:
             async with self._command("read") as redis:
                 page = await redis.xrange(key, start, "+", count=count)
-        return parse_entries(page)
+        return page
 
     async def read_after(self, reads: Sequence[tuple[RunId, int]], count: int) -> list[list[Entry]]:
         """``entries_after`` for many runs in one pipelined round trip (one per node)."""

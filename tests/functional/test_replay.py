@@ -25,7 +25,7 @@ import redis.asyncio
 
 from sidecar.app import STORE
 from sidecar.errors import StoreUnavailable
-from sidecar.keys import RunId
+from sidecar.keys import Keys, RunId
 from sidecar.tee import KEEPALIVE
 from tests.conftest import Gate, RedisServer, Sidecar, SidecarFactory, Step, Upstream, free_port
 from tests.functional.helpers import (
@@ -288,6 +288,37 @@ async def test_post_forms_page_through_the_same_bytes(
     assert (by_get.status, by_get.body) == (200, live.body)
     assert outcomes(sc) == {"ok": 4.0}
     assert sc.metric(P + "replay_events_total") == 7 + 6 + 7 + 7
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 100])
+async def test_catch_up_pages_read_ahead_stop_at_a_hole(
+    batch_size: int,
+    upstream: Upstream,
+    make_sidecar: SidecarFactory,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Pages are read ahead on the guess that the run goes on whole; an entry gone from the
+    middle (here deleted behind the sidecar's back) ends the catch-up right before it: nothing
+    of the pages guessed past it is sent, and the reader is cut to resume."""
+    sc = await make_sidecar()
+    steps = [token(f"t{i}") for i in range(20)] + [stop("end_turn"), DONE]
+    live = await finished_run(upstream, http, sc, steps)
+    events = check_whole(live.body)
+    assert len(events) == 22
+    await redis_client.xdel(Keys().stream(live.run_id), "9-0")
+    async with http.get(
+        sc.url + stream_path(live.run_id), params={"batch_size": str(batch_size)}
+    ) as resp:
+        assert resp.status == 200
+        reader = LiveReader(resp)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reader.rest()
+    assert reader.body == b"".join(events[:8])
+    assert sc.metric(P + "replay_events_total") == 8
+    # After the hole, the rest, whole.
+    after = await replay(http, sc, live.run_id, params={"starting_after": "9", "batch_size": "2"})
+    assert (after.status, after.body) == (200, b"".join(events[9:]))
 
 
 # -- following a live run -------------------------------------------------------------------

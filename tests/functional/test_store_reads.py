@@ -16,6 +16,7 @@ from sidecar.keys import Keys, RunId
 from sidecar.store import RunStore
 from tests.conftest import RedisServer
 from tests.faults.forwarder import Forwarder
+from tests.functional.helpers import eventually
 
 KEYS = Keys()
 RUNS = 200
@@ -96,3 +97,32 @@ async def test_an_unknown_run_and_an_error_reply_come_back_to_their_own_caller(
     assert "WRONGTYPE" in str(results[0])
     assert results[1] is None
     assert all(getattr(m, "last_seq", None) == EVENTS for m in results[2:])
+
+
+async def test_the_connections_a_burst_opened_are_closed_once_unused(
+    redis_client: redis.asyncio.Redis, slow_link: Forwarder
+) -> None:
+    """A burst of commands at once opens as many pooled connections as it needs (up to
+    max_connections); once they sit unused for pool_idle_seconds they are closed, but for the
+    newest one, and the store works on as before (and opens more again when it needs them)."""
+    runs = await write_runs(redis_client, "trim")
+    store = RunStore(slow_link.url, KEYS, max_connections=6, timeout=2.0, pool_idle_seconds=0.4)
+    store.start()
+    try:
+        # XLEN is not coalesced (batch.py): each of these holds a connection for a round trip.
+        lengths = await asyncio.gather(*(store.length(r) for r in runs[:6]))
+        assert lengths == [EVENTS] * 6
+        assert slow_link.open_connections == 6
+
+        async def trimmed() -> bool:
+            return slow_link.open_connections == 1
+
+        await eventually(trimmed, what="the unused connections closed")
+        assert await store.length(runs[0]) == EVENTS
+        assert slow_link.open_connections == 1
+        assert await asyncio.gather(*(store.length(r) for r in runs[:3])) == [EVENTS] * 3
+        assert slow_link.open_connections == 3
+        await eventually(trimmed, what="the unused connections closed again")
+    finally:
+        await store.aclose()
+    assert slow_link.accepted == 6 + 2

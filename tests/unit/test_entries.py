@@ -3,10 +3,12 @@ position, any other layout by name, RESP2 and RESP3 alike (bytes in, bytes out).
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.store.entries import Entry, parse_entries
+from sidecar.store.entries import Entry, Page, contiguous, parse_entries, parse_page
 
 
 def scripts_layout(seq: int, data: bytes, ts: int, complete: bool) -> list[bytes]:
@@ -40,3 +42,45 @@ def test_another_layout_is_read_by_name() -> None:
         Entry(8, b"y", 0, False),
         Entry(9, b"seq_id", 3, False),
     ]
+
+
+def raw_page(rows: list[tuple[int, bytes, int, bool]]) -> list[list[Any]]:
+    return [[b"%d-0" % seq, scripts_layout(seq, data, ts, c)] for seq, data, ts, c in rows]
+
+
+@given(
+    st.integers(0, 10**6),
+    st.lists(st.tuples(st.integers(1, 3), st.binary(max_size=16), st.booleans()), max_size=30),
+    st.booleans(),
+)
+def test_a_page_is_the_whole_run_after_the_cursor_up_to_its_first_hole(
+    cursor: int, steps: list[tuple[int, bytes, bool]], other_layout: bool
+) -> None:
+    """``parse_page`` against ``parse_entries`` + ``contiguous``: seqs rising by 1 to 3 (a step
+    over 1 is a hole), the scripts' layout or one entry in another."""
+    rows, seq = [], cursor
+    for step, data, complete in steps:
+        seq += step
+        rows.append((seq, data, seq * 7, complete))
+    page = raw_page(rows)
+    if other_layout and page:
+        page[len(page) // 2][1] = [b"data", rows[len(page) // 2][1]]
+    entries = parse_entries(page)
+    whole = contiguous(entries, cursor)
+    got = parse_page(page, cursor)
+    assert got == Page(
+        b"".join(e.data for e in whole),
+        len(whole),
+        whole[-1].seq if whole else cursor,
+        bool(whole) and whole[-1].complete,
+        len(page),
+        max((e.seq for e in entries), default=0),
+    )
+
+
+def test_a_page_of_the_scripts_layout_without_holes_is_joined_whole() -> None:
+    page = raw_page([(5, b"a", 1, False), (6, b"bc", 2, False), (7, b"", 3, True)])
+    assert parse_page(page, 4) == Page(b"abc", 3, 7, True, 3, 7)
+    # The cursor one before the page's first seq: a hole before it, nothing is sent.
+    assert parse_page(page, 3) == Page(b"", 0, 3, False, 3, 7)
+    assert parse_page([], 9) == Page(b"", 0, 9, False, 0, 0)
