@@ -203,8 +203,9 @@ class Follower:
         whole = last.seq - first == len(entries) - 1
         frames: dict[int, bytes] = {}
         now = asyncio.get_running_loop().time()
-        lag_s: list[float] | None = None  # per entry, once a reader is written to directly
-        written = 0
+        began = time.time()
+        readers: dict[int, int] = {}  # offset into entries -> readers written from there
+        linked: dict[str, str] | None = None  # one reader's trace, for the lag's exemplars
         for sub in list(self._subs.get(run_id, ())):
             # A reader whose position this read did not cover (it joined with an older cursor
             # while the read was in flight) is not offered it: that would look like a gap. The
@@ -239,18 +240,23 @@ class Follower:
             sink.events += len(entries) - start
             sink.cursor = last.seq
             sink.last_write = now
-            written += len(entries) - start
+            readers[start] = readers.get(start, 0) + 1
+            linked = sink.linked or linked
             sub.cursor = sub.position = last.seq
-            if lag_s is None:
-                now_s = time.time()
-                lag_s = [max(0.0, now_s - e.timestamp_ms / 1000) for e in entries]
-            observe = self._m.replay_delivery_lag.observe
-            for lag in lag_s[start:]:
-                observe(lag, sink.linked)
             if last.complete:
                 sub.ended = True
                 sub.ready.set()
-        if written:
+        if readers:
+            # Every reader written from the same offset got the same entries: counted once per
+            # entry, not once per reader, at the middle of the pass (1,000 readers take ~15 ms
+            # of socket writes: the mean lag is right, each reader's within half of that).
+            now_s = (began + time.time()) / 2
+            observe = self._m.replay_delivery_lag.observe_times
+            written = 0
+            for start, count in readers.items():
+                written += count * (len(entries) - start)
+                for e in entries[start:]:
+                    observe(max(0.0, now_s - e.timestamp_ms / 1000), count, linked)
             self._m.replay_events.inc(written)
 
     def failed(self, error: StoreError) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.samples import Exemplar
 
 from sidecar import __version__
 from sidecar.dialects import TRACKERS
@@ -90,6 +92,30 @@ UPSTREAM_REJECTIONS = (
     "decompressed_bytes",
     "event_bytes",
 )
+
+
+class FanoutHistogram(Histogram):
+    """A histogram that also counts one value observed by many at once (``observe_times``).
+
+    The follower writes one delivery to every reader of a run that keeps up, so each reader
+    has the same lag: with 1,000 readers of a run, one ``observe`` per reader per event was
+    12 % of the process's samples (py-spy, bench profile ``readers1000``) for 1,000 equal
+    values. Same series and exposition as a ``Histogram`` (it is one); the bulk count uses the
+    base class's bucket values, as its own ``observe`` does.
+    """
+
+    def observe_times(
+        self, amount: float, times: int, exemplar: dict[str, str] | None = None
+    ) -> None:
+        """``observe(amount, exemplar)``, ``times`` times (on the unlabelled histogram; the
+        exemplar is the project's own, ``tracing.exemplar``)."""
+        self._sum.inc(amount * times)
+        for i, bound in enumerate(self._upper_bounds):
+            if amount <= bound:
+                self._buckets[i].inc(times)
+                if exemplar:
+                    self._buckets[i].set_exemplar(Exemplar(exemplar, amount, time.time()))
+                break
 
 
 class Metrics:
@@ -204,7 +230,7 @@ class Metrics:
         self.replay_events = Counter(
             p + "replay_events_total", "Events sent to replay readers.", registry=r
         )
-        self.replay_delivery_lag = Histogram(
+        self.replay_delivery_lag = FanoutHistogram(
             p + "replay_delivery_lag_seconds",
             "Time from an event reaching the sidecar to its delivery to a live replay reader.",
             buckets=_LAG_BUCKETS,
