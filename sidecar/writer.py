@@ -389,14 +389,22 @@ class Writer:
             self._idle.set()
 
     async def _lanes(self) -> None:
+        """The writer's body: the first lane runs here, the second in a task of its own.
+
+        Not a TaskGroup: a cancellation the body swallowed (Background redelivers it, see
+        there) would reach the group, not the lane; here it reaches the first lane itself. A
+        failure of the second lane fails the body (and the supervisor restarts both)."""
         # A crash (Background restarts this) may have left runs marked as carried.
         for run in self._dirty:
             run.inflight, run.flying = 0, False
         self._flying_events = self._flying_runs = 0
         self._armed = False
-        async with asyncio.TaskGroup() as lanes:
-            lanes.create_task(self._loop())
-            lanes.create_task(self._overlap_loop())
+        second = asyncio.create_task(self._overlap_loop(), name="sse-writer-second-lane")
+        second.add_done_callback(lambda _: self._wake.set())
+        try:
+            await self._loop(second)
+        finally:
+            second.cancel()
 
     def _unsent(self) -> int:
         return self._pending_events - self._flying_events
@@ -407,12 +415,19 @@ class Writer:
             self._leases or self._ended or self._aliases or len(self._dirty) > self._flying_runs
         )
 
-    async def _loop(self) -> None:
+    async def _loop(self, second: asyncio.Task[None]) -> None:
         """The first lane: everything, in order; round trips one after the other."""
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if second.done():
+                # Its failure is the body's (it never ends otherwise).
+                failure = None if second.cancelled() else second.exception()
+                raise failure or RuntimeError("the writer's second lane ended")
             while self._dirty or self._leases or self._ended or self._aliases:
+                if second.done():
+                    self._wake.set()
+                    break
                 if not self._sendable():
                     # What is left is in the second lane's round trip.
                     self._landed.clear()
@@ -557,6 +572,10 @@ class Writer:
             span.record_exception(exc)
             log.warning("writer round trip failed, will retry: %s", exc)
             return "error"
+        except BaseException:
+            # Cancelled (shutdown, a crash): whatever Redis did, the runs may be carried again.
+            self._landing(batch)
+            raise
         finally:
             if not overlap:
                 self._armed = False

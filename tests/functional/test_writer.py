@@ -234,6 +234,35 @@ async def test_a_backlog_of_other_runs_goes_out_while_a_round_trip_is_in_flight(
         await store.aclose()
 
 
+class BrokenSecondLane(Writer):
+    async def _overlap_loop(self) -> None:
+        raise RuntimeError("second lane broke")
+
+
+async def test_a_failed_second_lane_fails_the_writer_which_is_restarted(
+    redis_server: RedisServer, redis_client: redis.asyncio.Redis
+) -> None:
+    store = RunStore(redis_server.url, KEYS)
+    m = Metrics()
+    w = BrokenSecondLane(store, m)
+    w.start()
+    try:
+        run = w.open(RunId("lanes-1"), "p1", {"status": "running"})
+        assert w.append(run, 1, ev(1))
+
+        async def crashed() -> bool:
+            return sample(m, "background_crashes_total", task="sse-writer") >= 1
+
+        await eventually(crashed, what="the writer's crash counted")
+        # The supervisor restarts it (and it fails again, each time its second lane fails);
+        # what it had taken before a failure was seen is written all the same.
+        assert await w.flush(5)
+        assert seqs(await stored(redis_client, run.run_id)) == [1]
+    finally:
+        await w.close(1.0)
+        await store.aclose()
+
+
 # -- idempotence ---------------------------------------------------------------------------
 
 
