@@ -45,7 +45,8 @@ DEFAULT_BATCH = 100
 # Catch-up pages asked for ahead of the one being written (see ``Replayer._send_all``).
 READ_AHEAD = 2
 # How far catch-up pages grow while they come back whole (``_grown``): per reader, the pages
-# read ahead hold about READ_AHEAD + 1 times GROWN_PAGE_BYTES.
+# read ahead hold about READ_AHEAD + 1 times GROWN_PAGE_BYTES (a page of a larger batch_size is
+# read one ahead).
 GROWN_PAGE_EVENTS = 1000
 GROWN_PAGE_BYTES = 128 << 10
 MAX_BATCH = 10_000
@@ -355,7 +356,10 @@ class Replayer:
                     if page.read == asked == page.events and not page.complete:
                         size = _grown(size, len(page.data) // page.events)
                         start = ahead[-1][0] + ahead[-1][1] if ahead else cursor
-                        while len(ahead) < READ_AHEAD:
+                        # Pages larger than that (a large batch_size of large events) are read
+                        # one ahead, as before: memory, not round trips, is their cost.
+                        depth = READ_AHEAD if len(page.data) <= GROWN_PAGE_BYTES else 1
+                        while len(ahead) < depth:
                             read = self._store.page_after(run_id, start, size)
                             ahead.append((start, size, asyncio.create_task(read)))
                             start += size
