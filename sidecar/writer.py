@@ -400,11 +400,16 @@ class Writer:
         self._flying_events = self._flying_runs = 0
         self._armed = False
         second = asyncio.create_task(self._overlap_loop(), name="sse-writer-second-lane")
-        second.add_done_callback(lambda _: self._wake.set())
+        second.add_done_callback(self._second_lane_ended)
         try:
             await self._loop(second)
         finally:
             second.cancel()
+
+    def _second_lane_ended(self, _task: asyncio.Task[None]) -> None:
+        # Wakes the first lane wherever it waits (for work, or for the second lane's landing).
+        self._wake.set()
+        self._landed.set()
 
     def _unsent(self) -> int:
         return self._pending_events - self._flying_events
