@@ -12,6 +12,7 @@ Every wait here polls: a child process's state has no event to await.
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -38,8 +39,28 @@ WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.05
 
 
+# The servers the tests start get ports below the kernel's ephemeral range (32768-60999 by
+# default): a port found free by binding port 0 is an ephemeral one, which any outgoing
+# connection of the run may take before the server binds it (seen in CI: a cluster node's bus
+# port, picked when the topology was built, was taken by the time the node started). Ports are
+# handed out once per test process, so two servers never get the same one.
+_SERVER_PORTS = range(20000, 32000)
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    for _ in range(1000):
+        port = random.choice(_SERVER_PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket() as s:  # that range is used up: an ephemeral port, as a last resort
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+
+from tests.topologies import free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server on PATH"
@@ -28,12 +28,9 @@ EXPECTED = {
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1 (all held open until each one is known)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
+    """``n`` distinct free ports on 127.0.0.1 (the tests' own picker: distinct, and outside the
+    ephemeral range)."""
+    return [free_port() for _ in range(n)]
 
 
 def test_quickstart_once(tmp_path: Path) -> None:
