@@ -46,11 +46,12 @@ POLL_SECONDS = 0.05
 # handed out once per test process, so two servers never get the same one.
 _SERVER_PORTS = range(20000, 32000)
 _given: set[int] = set()
+_pick = random.Random()  # its own: hypothesis seeds the module's generator per example
 
 
 def free_port() -> int:
     for _ in range(1000):
-        port = random.choice(_SERVER_PORTS)
+        port = _pick.choice(_SERVER_PORTS)
         if port in _given:
             continue
         with socket.socket() as s:
