@@ -567,20 +567,19 @@ class Writer:
                 ended=ended,
                 aliases=aliases,
             )
-        except StoreError as exc:
+        except BaseException as exc:
+            # Nothing is known to have happened (a failure, or cancelled: a crash, shutdown):
+            # the runs may be carried again, and the bookkeeping is sent again too.
             self._landing(batch)
-            # Nothing is known to have happened: send the bookkeeping again too.
             self._leases = {**leases, **self._leases}
             self._aliases = {**aliases, **self._aliases}
             self._ended.update(ended)
+            if not isinstance(exc, StoreError):
+                raise
             self._m.redis_errors.labels("flush").inc()
             span.record_exception(exc)
             log.warning("writer round trip failed, will retry: %s", exc)
             return "error"
-        except BaseException:
-            # Cancelled (shutdown, a crash): whatever Redis did, the runs may be carried again.
-            self._landing(batch)
-            raise
         finally:
             if not overlap:
                 self._armed = False
