@@ -703,12 +703,9 @@ class RunStore:
         head = await self._xrange(run_id, b"-", 1)
         return head[0].seq if head else None
 
-    async def entries_after(self, run_id: RunId, cursor: int, count: int) -> list[Entry]:
-        """Up to ``count`` stored events with seq > ``cursor``, in order."""
-        return await self._xrange(run_id, b"(%d-0" % cursor, count)
-
     async def page_after(self, run_id: RunId, cursor: int, count: int) -> Page:
-        """``entries_after`` as a replay sends them: one ``Page`` (see ``entries.parse_page``)."""
+        """Up to ``count`` stored events with seq > ``cursor``, as a replay sends them: one
+        ``Page`` (see ``entries.parse_page``)."""
         return parse_page(await self._xrange_raw(run_id, b"(%d-0" % cursor, count), cursor)
 
     async def _xrange(self, run_id: RunId, start: bytes, count: int) -> list[Entry]:
@@ -728,7 +725,8 @@ class RunStore:
         return page
 
     async def read_after(self, reads: Sequence[tuple[RunId, int]], count: int) -> list[list[Entry]]:
-        """``entries_after`` for many runs in one pipelined round trip (one per node)."""
+        """For many runs, up to ``count`` stored events after each cursor, as entries, in one
+        pipelined round trip (one per node)."""
         async with self._command("follow") as redis, redis.pipeline(transaction=False) as pipe:
             for run_id, cursor in reads:
                 pipe.xrange(self.keys.stream(run_id), f"({cursor}-0", "+", count=count)

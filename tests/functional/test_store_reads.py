@@ -63,12 +63,13 @@ async def test_a_burst_of_reads_through_two_connections_all_succeed_in_few_round
     store = RunStore(slow_link.url, KEYS, max_connections=2, timeout=1.0)
     try:
 
-        async def start_reader(run_id: RunId) -> tuple[str, int | None, list[bytes]]:
+        async def start_reader(run_id: RunId) -> tuple[str, int | None, bytes]:
             meta = await store.meta(run_id)
             assert meta is not None
             first = await store.first_seq(run_id)
-            page = await store.entries_after(run_id, 2, 100)
-            return meta.status, first, [e.data for e in page]
+            page = await store.page_after(run_id, 2, 100)
+            assert (page.events, page.last, page.read) == (3, EVENTS, 3)
+            return meta.status, first, page.data
 
         results = await asyncio.gather(*(start_reader(r) for r in runs))
     finally:
@@ -76,7 +77,7 @@ async def test_a_burst_of_reads_through_two_connections_all_succeed_in_few_round
     for run_id, (status, first, page) in zip(runs, results, strict=True):
         assert status == "completed"
         assert first == 1
-        assert page == [f"id: {s}\ndata: {run_id} {s}\n\n".encode() for s in range(3, 6)]
+        assert page == b"".join(f"id: {s}\ndata: {run_id} {s}\n\n".encode() for s in range(3, 6))
     # Every read went through the link in pipelined round trips on at most 2 connections.
     assert slow_link.accepted <= 2
 
