@@ -65,6 +65,11 @@ class Inflater:
         self._z = zlib.decompressobj(WBITS[coding]) if coding in WBITS else None
 
     @property
+    def identity(self) -> bool:
+        """The body passes through as it comes (no content coding)."""
+        return self._z is None
+
+    @property
     def decoded_bytes(self) -> int:
         return self._total
 

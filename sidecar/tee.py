@@ -38,6 +38,7 @@ from sidecar.terminal import (
     Transition,
 )
 from sidecar.tracing import exemplar
+from sidecar.upstream_in import read_directly, readable_directly
 from sidecar.writer import RunStream, Writer
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,9 @@ class Tee:
                     return EndCause.EOF, None
                 if (end := await self._take(chunk)) is not None:
                     return end
+            if self._inflater.identity and readable_directly(content):
+                # Each piece on the parser's call, no task step per chunk (upstream_in.py).
+                return await read_directly(content, self._take_direct) or (EndCause.EOF, None)
             async for chunk in content.iter_any():
                 self._read_at = self._loop.time()
                 if (end := await self._take(chunk)) is not None:
@@ -279,6 +283,11 @@ class Tee:
             self._m.upstream_rejected.labels(reason).inc()
             return EndCause.UPSTREAM_ERROR, str(exc)
         return None
+
+    def _take_direct(self, piece: bytes) -> tuple[EndCause | None, str | None] | None:
+        """``_take`` for a body read directly (identity coding: one piece per chunk)."""
+        self._read_at = self._loop.time()
+        return self._take_piece(piece)
 
     def _take_piece(self, piece: bytes) -> tuple[EndCause | None, str | None] | None:
         try:
