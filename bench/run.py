@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 PROFILE_LOADS = (
     "saturation",
     "streams100",
+    "streams100readers",
     "streams1000",
     "streams1000readers",
     "readers1000",
@@ -260,8 +261,8 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
 
     Loads: ``saturation`` (the saturation scenario's streams, sized to outlast the recording),
     ``streams100`` and ``streams1000`` (100 or 1,000 streams at the token rate),
-    ``streams1000readers`` (1,000 with a
-    replay reader on every run: the readers scenario), ``readers1000`` (1,000 live-tail
+    ``streams100readers`` and ``streams1000readers`` (as many with a replay reader on every
+    run: the readers scenario), ``readers1000`` (1,000 live-tail
     readers of one run at the token rate) and ``catchup`` (one reader reading a finished
     10,000-event run from the start, again and again).
     """
@@ -294,14 +295,14 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
             timer = threading.Timer(1.0, start)
             timer.start()
             results[fmt] = bench.saturation_cell("sidecar", "null", 1, events=n)
-        elif load in ("streams100", "streams1000", "streams1000readers"):
+        elif load in ("streams100", "streams100readers", "streams1000", "streams1000readers"):
             timer = threading.Timer(2.5, start)
             timer.start()
             results[fmt] = bench.loadgen.call(
-                "streams_with_readers" if load == "streams1000readers" else "streams",
+                "streams_with_readers" if load.endswith("readers") else "streams",
                 port=bench.sidecar.port,
                 path=STREAM_PATH,
-                count=100 if load == "streams100" else 1000,
+                count=100 if load.startswith("streams100") and "1000" not in load else 1000,
                 n=int(c.rate * (seconds + 4)),
                 rate=c.rate,
                 ramp_s=1.0,

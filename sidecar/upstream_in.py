@@ -92,6 +92,12 @@ class _DirectRead(Generic[E]):
         self.reader.__class__ = aiohttp.StreamReader
 
 
+# The base's methods are called through the class, not super(): the read may end (and switch
+# the reader back to the base class) inside one of these methods, and super() would then
+# refuse an object no longer of its class, raising into aiohttp's parser.
+_BASE = aiohttp.StreamReader
+
+
 class DirectReader(aiohttp.StreamReader):
     """A ``StreamReader`` whose pieces go to the tee, not into its buffer."""
 
@@ -100,7 +106,7 @@ class DirectReader(aiohttp.StreamReader):
     def feed_data(self, data: bytes, size: int = 0) -> bool:
         read = _READS.get(id(self))
         if read is None:  # not reached: the class is switched back with the registration
-            return super().feed_data(data, size)
+            return _BASE.feed_data(self, data, size)
         if data:
             read.piece(data)
         # False: nothing held back for the parser to feed again (aiohttp's own contract).
@@ -115,7 +121,7 @@ class DirectReader(aiohttp.StreamReader):
         read = _READS.get(id(self))
         if read is not None:
             read.flush()  # the body's last pieces go first
-        super().feed_eof()
+        _BASE.feed_eof(self)
         if read is not None:
             read.finish(None)
 
@@ -125,9 +131,9 @@ class DirectReader(aiohttp.StreamReader):
             # What came before the connection broke: events the upstream did send.
             read.flush()
         if exc_cause is None:
-            super().set_exception(exc)
+            _BASE.set_exception(self, exc)
         else:
-            super().set_exception(exc, exc_cause)
+            _BASE.set_exception(self, exc, exc_cause)
         if read is not None:
             read.finish(exc)
 

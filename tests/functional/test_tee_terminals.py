@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio
+from aiohttp import web
 
 from sidecar.keys import RunId
 from sidecar.sse import Event, SSEDecoder
@@ -833,3 +834,50 @@ async def test_gzip_encoded_event_stream_is_decoded_for_the_tee(
         forced_done=None,
         live=view.body,
     )
+
+
+async def test_runs_one_after_another_reuse_one_upstream_connection(
+    upstream: Upstream,
+    make_sidecar: SidecarFactory,
+    redis_client: redis.asyncio.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A run that ended at its terminal hands its upstream connection back for the next one
+    (keep-alive), whether the body's end came in the terminal's read or after it."""
+    sc = await make_sidecar()
+    peers: list[Any] = []
+    statuses = []
+    for last_read_ends_body in (True, False, True, False):
+        gate = Gate()
+
+        async def handler(
+            request: web.Request, gate: Gate = gate, together: bool = last_read_ends_body
+        ) -> web.StreamResponse:
+            assert request.transport is not None
+            peers.append(request.transport.get_extra_info("peername"))
+            resp = web.StreamResponse()
+            resp.content_type = "text/event-stream"
+            await resp.prepare(request)
+            await resp.write(token("a"))
+            await resp.write(stop("end_turn"))
+            await gate.event.wait()  # the tee is reading the body as it comes by now
+            if together:
+                await resp.write_eof(DONE)  # the terminal and the body's end in one write
+            else:
+                await resp.write(DONE)
+                await resp.write_eof()
+            return resp
+
+        upstream.raw(PATH, handler)
+        async with http.post(sc.url + PATH, json={"messages": []}) as resp:
+            reader = LiveReader(resp)
+            await reader.until(2)
+            gate.open()
+            body = await reader.rest()
+        assert body.endswith(b"data: [DONE]\n\n")
+        await sc.flushed()
+        run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
+        statuses.append((await meta(redis_client, run_id))["status"])
+    assert statuses == ["completed"] * 4
+    assert len(peers) == 4
+    assert len(set(peers)) == 1, peers

@@ -9,6 +9,7 @@ import asyncio
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.upstream_in import DirectReader, read_directly, readable_directly
 from tests.conftest import RESET, Gate, Step, Upstream
@@ -156,3 +157,43 @@ async def test_a_cancelled_read_hands_the_reader_back(
     assert type(resp.content) is aiohttp.StreamReader
     gate.open()
     assert await asyncio.wait_for(resp.content.read(), TIMEOUT) == b"data: x\n\n"
+
+
+async def test_a_terminal_in_the_bodys_last_read_leaves_the_connection_reusable(
+    upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """The terminal and the end of the body in one read: the read ends inside the parser's
+    ``feed_eof``, and the connection still goes back to the pool, clean."""
+    gate = Gate()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        await resp.write(b"data: one\n\n")
+        gate.reached.set()
+        await gate.event.wait()
+        # The last chunk and the body's end in one write (one read at the client).
+        await resp.write_eof(b"data: [DONE]\n\n")
+        return resp
+
+    upstream.raw("/last", handler)
+    protocols = []
+    for _ in range(3):
+        gate.event.clear()
+        gate.reached.clear()
+        resp = await http.get(upstream.url + "/last")
+        assert resp.connection is not None
+        protocols.append(resp.connection.protocol)
+        taken = Taken(resp, end_at=b"[DONE]")
+        read = asyncio.create_task(read_directly(resp.content, taken))
+        await asyncio.wait_for(gate.reached.wait(), TIMEOUT)
+        await taken.next()  # "one" went through the direct read
+        gate.open()
+        assert await asyncio.wait_for(read, TIMEOUT) == "ended"
+        assert resp.content.exception() is None
+        assert resp.content.at_eof()
+        assert b"".join(taken.pieces) == b"data: one\n\ndata: [DONE]\n\n"
+        resp.release()
+    # One keep-alive connection served all three.
+    assert protocols[0] is protocols[1] is protocols[2]
