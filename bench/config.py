@@ -47,6 +47,10 @@ class Config:
     idle_window_seconds: float
     # redis-benchmark XADD -P 50.
     rb_requests: int
+    # Opening runs: short runs opened at a steady rate.
+    runs_count: int = 600
+    runs_per_s: float = 100.0
+    runs_events: int = 3
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -81,6 +85,8 @@ QUICK = Config(
     idle_ramp_seconds=0.4,
     idle_window_seconds=1.0,
     rb_requests=100_000,
+    runs_count=60,
+    runs_per_s=60.0,
 )
 
 FULL = Config(

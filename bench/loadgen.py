@@ -202,18 +202,24 @@ async def streams(
     body = b'{"messages":[{"role":"user","content":"hi"}],"stream_tokens":true}'
     after = now_us() + int(measure_after_s * 1e6)
 
+    starts = [0] * count
+
     async def make(i: int) -> SSEClient:
         headers = {"Content-Type": "application/json"}
         if run_prefix:
             headers["X-Run-Id"] = f"{run_prefix}-{i}"
         request = http_request("POST", target, port, headers, body)
         client = SSEClient(request, lat, measure_after_us=after)
+        starts[i] = now_us()
         return await open_client(port, request, client)
 
     t0 = now_us()
     clock = Clock().start()
     clients = await ramp(count, ramp_s, make)
     await wait_all(clients, timeout_s)
+    # Connect and request -> response head in, per stream that got one.
+    heads = zip(clients, starts, strict=True)
+    first_byte = array("q", (c.headers_at_us - t for c, t in heads if c.headers_at_us))
     elapsed = clock.elapsed()
     events = sum(c.events for c in clients)
     expected = count * (n + 2)
@@ -225,6 +231,7 @@ async def streams(
         "events": events,
         "expected_events": expected,
         "latency_us": distribution(lat) if lat is not None else None,
+        "first_byte_us": distribution(first_byte),
         "events_per_s": events / elapsed["wall_s"] if elapsed["wall_s"] else 0.0,
         **elapsed,
     }

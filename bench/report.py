@@ -121,6 +121,35 @@ def readers_table(readers: dict[str, Any], rate: float) -> str:
     )
 
 
+def runs_table(runs: dict[str, Any], rate: float) -> str:
+    summary = runs["summary"]
+    plain = med(summary.get("plain", {}).get("cpu_ms_per_run"))
+    names = {**NAMES, "sidecar+reader": "sse-sidecar, a replay reader on every run"}
+    rows = []
+    for case, r in summary.items():
+        rows.append(
+            [
+                names.get(case, case),
+                span(r["cpu_ms_per_run"], 1, 2),
+                ratio(med(r["cpu_ms_per_run"]), plain),
+                span(r["first_byte_p50_us"], 1e-3, 1),
+                span(r["first_byte_p99_us"], 1e-3, 1),
+                f"{r['complete']:,}/{r['expected']:,}",
+            ]
+        )
+    head = ["path", "CPU ms per run", "vs plain proxy", "first byte p50 ms", "first byte p99 ms"]
+    head += ["runs complete"]
+    first = next(iter(summary.values()), None)
+    if first is None:
+        return "(no cells)"
+    return (
+        f"Short runs opened one after another, {first['per_s']:g} per second, {first['runs']:,} "
+        f"per repeat, each {first['events']} events at {rate:g} events/s: the CPU one run costs "
+        "the path's process, its events included, and the first byte (connect and request -> "
+        "response head) while runs keep opening:\n\n" + table(head, rows)
+    )
+
+
 def scaling_table(scaling: dict[str, Any], rate: float) -> str:
     rows = []
     for r in scaling["summary"].values():
@@ -531,6 +560,8 @@ def all_tables(res: dict[str, Any]) -> str:
             "### A replay reader on every run",
             readers_table(res["readers"], res["config"]["rate"]),
         ]
+    if "runs" in res:
+        parts += ["### Opening runs", runs_table(res["runs"], res["config"]["rate"])]
     if "scaling" in res:
         parts += ["### Worker processes", scaling_table(res["scaling"], res["config"]["rate"])]
     if "saturation" in res:

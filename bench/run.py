@@ -37,6 +37,7 @@ SCENARIOS = (
     "idle",
     "tee",
     "readers",
+    "runs",
     "scaling",
     "saturation",
     "writers",

@@ -280,6 +280,76 @@ class Bench:
             )
         return {"cells": cells, "summary": summary}
 
+    # -- opening runs: what a run costs beyond its events ---------------------------------------
+
+    def runs(self) -> dict[str, Any]:
+        """Short runs (``runs_events`` token events, a stop reason and [DONE] at the token rate)
+        opened at a steady ``runs_per_s``: the CPU one run costs its path beyond its events (the
+        accept, the upstream request, the claim, the tee's and the writer's setup, the end) and
+        the first byte (connect and request -> response head) while runs keep opening. The plain
+        proxy and the sidecar, which also runs them with a replay reader on every run."""
+        c = self.config
+        cases = [(t, False) for t in self.targets if t != "direct"] + [("sidecar", True)]
+        cells: dict[str, list[dict[str, Any]]] = {_case(t, r): [] for t, r in cases}
+        for rep in range(c.repeats):
+            k = rep % len(cases)
+            for target, readers in cases[k:] + cases[:k]:
+                cell = self._runs_cell(target, readers, rep)
+                cells[_case(target, readers)].append(cell)
+                fb = cell["first_byte_us"]
+                p50, p99 = fb.get("p50", math.nan) / 1e3, fb.get("p99", math.nan) / 1e3
+                self.log(
+                    f"  runs rep {rep + 1} {_case(target, readers):<15} "
+                    f"CPU {cell['cpu_ms_per_run']:5.2f} ms/run  first byte p50 {p50:6.1f} ms"
+                    f"  p99 {p99:6.1f} ms  complete {cell['complete']}/{cell['streams']}"
+                )
+        summary = {
+            case: {
+                "runs": c.runs_count,
+                "per_s": c.runs_per_s,
+                "events": c.runs_events + 2,
+                "cpu_ms_per_run": spread([r["cpu_ms_per_run"] for r in runs]),
+                "first_byte_p50_us": spread(
+                    [r["first_byte_us"].get("p50", math.nan) for r in runs]
+                ),
+                "first_byte_p99_us": spread(
+                    [r["first_byte_us"].get("p99", math.nan) for r in runs]
+                ),
+                "complete": sum(r["complete"] for r in runs),
+                "expected": c.runs_count * len(runs),
+            }
+            for case, runs in cells.items()
+        }
+        return {"cells": cells, "summary": summary}
+
+    def _runs_cell(self, target: str, readers: bool, rep: int) -> dict[str, Any]:
+        c = self.config
+        svc = self.plain if target == "plain" else self.sidecar_of(target)
+        assert svc is not None
+        args: dict[str, Any] = {
+            "port": svc.port,
+            "path": STREAM_PATH,
+            "count": c.runs_count,
+            "n": c.runs_events,
+            "rate": c.rate,
+            "ramp_s": c.runs_count / c.runs_per_s,
+            "measure_after_s": 0.0,
+            "run_prefix": f"open-{target}{'-read' if readers else ''}-{rep}",
+            "timeout_s": 60.0,
+        }
+        cpu0 = tree_cpu_seconds(svc.pid)
+        if readers:
+            res = self.loadgen.call("streams_with_readers", **args)
+        else:
+            res = self.loadgen.call("streams", measure=False, **args)
+        # Taken once every run ended, before the settle's metric scrapes (which cost the sidecar
+        # CPU of their own); only the writer's last round trip may be left out.
+        res["cpu_ms_per_run"] = (tree_cpu_seconds(svc.pid) - cpu0) * 1e3 / c.runs_count
+        if target != "plain":
+            self.settle_sidecar(svc=svc)
+            self.flush_redis()
+        return res
+
     # -- 1c: worker processes (serve --workers N) ------------------------------------------------
 
     def scaling(self) -> dict[str, Any]:
@@ -792,3 +862,7 @@ def _merge(dicts: list[dict[str, int]]) -> dict[str, int]:
         for k, v in d.items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def _case(target: str, readers: bool) -> str:
+    return f"{target}+reader" if readers else target

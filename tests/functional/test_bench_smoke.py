@@ -47,6 +47,7 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     for section in (
         "### Tee overhead",
         "### A replay reader on every run",
+        "### Opening runs",
         "### Saturation throughput",
         "### Write path",
         "### Replay",
@@ -67,6 +68,12 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     # table, not a check.
     assert readers["readers"] == STREAMS
     assert readers["readers_complete"] > 0
+    runs = summary["runs"]["summary"]
+    assert set(runs) == {"plain", "sidecar", "sidecar+reader"}
+    for case, row in runs.items():
+        assert row["complete"] == row["expected"], case
+        assert row["cpu_ms_per_run"]["median"] > 0, case
+        assert row["first_byte_p50_us"]["median"] > 0, case
     for workers in summary["scaling"]["summary"].values():
         assert (workers["incomplete"], workers["dropped"]) == (0, 0)
     assert summary["saturation"]["summary"]["sidecar:null"]["incomplete"] == 0
