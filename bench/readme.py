@@ -9,7 +9,7 @@ from bench.machine import one_line
 
 HOW = """\
 ```sh
-make bench         # the whole suite, 10-15 minutes; prints the tables below (ARGS=--repeats 3)
+make bench         # the whole suite, about 16 minutes; prints the tables below (ARGS=--repeats 3)
 make bench-quick   # the same scenarios at small sizes, about a minute (the test suite runs it
                    # as a smoke test: tests/functional/test_bench_smoke.py)
 .venv/bin/python -m bench --profile 10 --profile-load streams1000   # py-spy the sidecar
@@ -43,6 +43,9 @@ How it measures, on one machine, everything on 127.0.0.1:
   drops, CPU per live event against the plain proxy carrying the same streams.
 - **Worker processes**: `serve --workers N` carries N x the streams (a reader each) beside the
   plain proxy, then a saturation cell; CPU is summed over the supervisor and its workers.
+- **Opening runs**: short runs (5 events at the token rate) opened one after another at 100
+  per second: the CPU one run costs the process under test (its events included), and the
+  first byte (connect and request -> response head) while runs keep opening.
 - **All open after**: each cell logs when the last stream got its response head. A process that
   accepts slowly staggers the streams, and its latency then looks better than it is (fewer
   streams run at once in the measured window): compare cells whose streams were all open
