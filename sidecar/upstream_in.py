@@ -8,15 +8,17 @@ and at 20-100 tokens/s per stream nearly every event comes in a chunk of its own
 
 So, while a run's body is read as it comes (identity coding: no decompression step that must
 give the loop a turn between pieces), the tee reads it directly: the response's reader is
-switched to ``DirectReader``, whose ``feed_data`` calls the tee at once with the piece, and
-whose ``feed_eof`` and ``set_exception`` end the read. The tee's task only waits for that end.
-Nothing is buffered meanwhile, so aiohttp's flow control never pauses the connection: the tee
-consumes every piece as it is parsed, as fast as the loop reads the socket.
+switched to ``DirectReader``, whose ``feed_data`` collects the pieces the parser hands over and
+gives them to the tee as one, right after the parser is done with the socket read that brought
+them (one ``call_soon`` per read); its ``feed_eof`` and ``set_exception`` end the read. The
+tee's task only waits for that end. At most one socket read's pieces wait meanwhile, so
+aiohttp's flow control never pauses the connection: the tee consumes the body as fast as the
+loop reads the socket.
 
 The switch is an assignment of ``__class__`` (``DirectReader`` adds methods, no state, so the
 layout is the same) and is undone once the read ends, so that whatever the upstream sends after
 its terminal is buffered and read as aiohttp reads it. It relies on the parser calling the
-reader's methods by name (both aiohttp parsers do); ``tests/unit/test_upstream_in.py`` pins
+reader's methods by name (both aiohttp parsers do); ``tests/functional/test_upstream_in.py`` pins
 that against the installed aiohttp. Any reader that is not a plain ``StreamReader`` in a clean
 state (an error or the end already in it) is read the usual way by the caller.
 """
