@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio
 from aiohttp import web
 
+from sidecar.app import PROXY
 from sidecar.keys import RunId
 from sidecar.sse import Event, SSEDecoder
 from sidecar.tee import KEEPALIVE
@@ -28,6 +29,7 @@ from tests.functional.helpers import (
     LiveReader,
     data,
     error,
+    eventually,
     meta,
     nonzero,
     payloads,
@@ -876,6 +878,13 @@ async def test_runs_one_after_another_reuse_one_upstream_connection(
             body = await reader.rest()
         assert body.endswith(b"data: [DONE]\n\n")
         await sc.flushed()
+
+        async def settled() -> bool:
+            # The tee's task lasts until its upstream response is read to its end and the
+            # connection handed back (after the client got its last byte).
+            return not sc.app[PROXY]._tasks
+
+        await eventually(settled, what="the tee's upstream response settled")
         run_id = RunId(resp.headers["X-Sidecar-Run-Id"])
         statuses.append((await meta(redis_client, run_id))["status"])
     assert statuses == ["completed"] * 4
