@@ -284,10 +284,11 @@ class Bench:
 
     def runs(self) -> dict[str, Any]:
         """Short runs (``runs_events`` token events, a stop reason and [DONE] at the token rate)
-        opened at a steady ``runs_per_s``: the CPU one run costs its path beyond its events (the
-        accept, the upstream request, the claim, the tee's and the writer's setup, the end) and
-        the first byte (connect and request -> response head) while runs keep opening. The plain
-        proxy and the sidecar, which also runs them with a replay reader on every run."""
+        opened at a steady ``runs_per_s``: the CPU one run costs its path, its few events
+        included (the accept, the upstream request, the claim, the tee's and the writer's setup,
+        the events, the end), and the first byte (connect and request -> response head) while
+        runs keep opening. The plain proxy and the sidecar, which also runs them with a replay
+        reader on every run."""
         c = self.config
         cases = [(t, False) for t in self.targets if t != "direct"] + [("sidecar", True)]
         cells: dict[str, list[dict[str, Any]]] = {_case(t, r): [] for t, r in cases}
