@@ -123,6 +123,9 @@ def readers_table(readers: dict[str, Any], rate: float) -> str:
 
 def runs_table(runs: dict[str, Any], rate: float) -> str:
     summary = runs["summary"]
+    first = next(iter(summary.values()), None)
+    if first is None:
+        return "(no cells)"
     plain = med(summary.get("plain", {}).get("cpu_ms_per_run"))
     names = {**NAMES, "sidecar+reader": "sse-sidecar, a replay reader on every run"}
     rows = []
@@ -139,9 +142,6 @@ def runs_table(runs: dict[str, Any], rate: float) -> str:
         )
     head = ["path", "CPU ms per run", "vs plain proxy", "first byte p50 ms", "first byte p99 ms"]
     head += ["runs complete"]
-    first = next(iter(summary.values()), None)
-    if first is None:
-        return "(no cells)"
     return (
         f"Short runs opened one after another, {first['per_s']:g} per second, {first['runs']:,} "
         f"per repeat, each {first['events']} events at {rate:g} events/s: the CPU one run costs "

@@ -303,7 +303,7 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
                 "streams_with_readers" if load.endswith("readers") else "streams",
                 port=bench.sidecar.port,
                 path=STREAM_PATH,
-                count=100 if load.startswith("streams100") and "1000" not in load else 1000,
+                count=100 if load in ("streams100", "streams100readers") else 1000,
                 n=int(c.rate * (seconds + 4)),
                 rate=c.rate,
                 ramp_s=1.0,

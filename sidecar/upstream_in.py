@@ -32,21 +32,20 @@ from typing import Generic, TypeVar
 import aiohttp
 
 End = TypeVar("End")
-E = TypeVar("E")
 
 # id(reader) -> its read. StreamReader has __slots__ and no room for a reference to the read;
 # DirectReader may add none (``__class__`` assignment needs the same layout).
 _READS: dict[int, _DirectRead[object]] = {}
 
 
-class _DirectRead(Generic[E]):
+class _DirectRead(Generic[End]):
     __slots__ = ("done", "ended", "loop", "pending", "reader", "take")
 
     def __init__(
         self,
         reader: aiohttp.StreamReader,
-        take: Callable[[bytes], E | None],
-        done: asyncio.Future[E | None],
+        take: Callable[[bytes], End | None],
+        done: asyncio.Future[End | None],
     ) -> None:
         self.reader = reader
         self.take = take
@@ -77,7 +76,7 @@ class _DirectRead(Generic[E]):
         if end is not None:
             self.finish(end)
 
-    def finish(self, end: E | BaseException | None) -> None:
+    def finish(self, end: End | BaseException | None) -> None:
         """The read is over: ``end`` is what it returns (an exception: what it raises)."""
         self.end()
         if self.done.done():
