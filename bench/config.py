@@ -28,6 +28,9 @@ class Config:
     # Saturation: streams sent as fast as the path takes them.
     sat_streams: int
     sat_events: int
+    # Events per stream of the sustained saturation cell (sat_streams streams): long enough for
+    # the writer's backlog to pass its bound if relaying outran storing.
+    sustained_events: int
     # Writers alone (sidecar's and Letta's), in-process, no HTTP. At most 50 concurrent runs:
     # Letta's default pool has 50 connections, and past that its runs lose their writes (that
     # case is the paced_runs one below), which would make its throughput meaningless.
@@ -72,6 +75,7 @@ QUICK = Config(
     scaling_workers=(1, 2),
     sat_streams=50,
     sat_events=400,
+    sustained_events=2_000,
     writer_runs=50,
     writer_events=200,
     paced_runs=1000,
@@ -102,6 +106,7 @@ FULL = Config(
     scaling_workers=(1, 2),
     sat_streams=100,
     sat_events=1000,
+    sustained_events=15_000,
     writer_runs=50,
     writer_events=1000,
     paced_runs=1000,

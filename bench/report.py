@@ -248,6 +248,46 @@ def saturation_table(res: dict[str, Any]) -> str:
     return table(head, rows)
 
 
+def sustained_table(res: dict[str, Any]) -> str:
+    """The long saturating cell: what is relayed against what is stored."""
+    cells = res["saturation"].get("sustained", {})
+    labels = {"sidecar": "sse-sidecar", "baseline": "sse-sidecar, baseline (--baseline)"}
+    rows = []
+    for key, cell in cells.items():
+        rows.append(
+            [
+                labels.get(key, key),
+                f"{cell['expected_events']:,}",
+                f"{cell['wall_s']:.1f}",
+                _num(cell["events_per_s"]),
+                f"{cell['stored']:,}/{cell['expected_events']:,}",
+                _num(cell["write"]["dropped"]),
+                f"{cell['settle_s']:.1f}",
+                _num(cell["stored_per_s"]),
+                f"{cell['paced_s']:.1f}",
+            ]
+        )
+    head = [
+        "path",
+        "events",
+        "relayed in s",
+        "relayed events/s",
+        "stored/expected",
+        "dropped",
+        "writer done after s",
+        "stored events/s",
+        "reads held s",
+    ]
+    n = res["config"]["sat_streams"]
+    return (
+        f"{n} streams sent as fast as they go, long enough for the writer's backlog to pass "
+        "writer_max_bytes if relaying outran storing; one cell. Stored events/s is what reached "
+        "Redis over the time until the writer was done (relaying plus the writer's drain after "
+        "it); reads held is the time the tees paused for the writer (pacing):\n\n"
+        + table(head, rows)
+    )
+
+
 def write_table(res: dict[str, Any]) -> str:
     rows = []
     tee = res.get("tee", {}).get("summary", {})
@@ -443,6 +483,18 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             )
         rt = med(sat["round_trips_per_event"])
         out.append(("≤ 0.02 Redis round trips per event at saturation", f"{rt:.4f}", rt <= 0.02))
+    sustained = res.get("saturation", {}).get("sustained", {}).get("sidecar")
+    if sustained:
+        dropped = sustained["write"]["dropped"]
+        rate = sustained["stored_per_s"]
+        out.append(
+            (
+                "issue 15: a long saturating run stores all it relays, ≥ 150,000 events/s",
+                f"{sustained['stored']:,}/{sustained['expected_events']:,} stored, {dropped:,.0f}"
+                f" dropped, {rate:,.0f} stored events/s",
+                dropped == 0 and rate >= 150_000,
+            )
+        )
     if "1000" in tee:
         wr = tee["1000"]["sidecar"]["write"]
         ok = wr["stored"] == wr["expected"] and wr["dropped"] == 0
@@ -570,6 +622,8 @@ def all_tables(res: dict[str, Any]) -> str:
         parts += ["### Worker processes", scaling_table(res["scaling"], res["config"]["rate"])]
     if "saturation" in res:
         parts += ["### Saturation throughput, one process each", saturation_table(res)]
+        if res["saturation"].get("sustained"):
+            parts += ["### Sustained saturation: what is stored", sustained_table(res)]
     if "tee" in res or "saturation" in res:
         parts += ["### Write path", write_table(res)]
     if "replay" in res:

@@ -24,6 +24,10 @@ STREAM_PATH = "/v1/agents/agent-bench/messages/stream"
 TARGETS = ("direct", "plain", "sidecar")
 
 
+# Seconds the tees held their upstream reads for the writer (sidecar/pace.py).
+PACED = "sse_sidecar_upstream_paced_seconds_total"
+
+
 @dataclass
 class Bench:
     config: Config
@@ -63,18 +67,21 @@ class Bench:
         assert svc is not None
         return svc.port
 
-    def settle_sidecar(self, timeout: float = 20.0, svc: Service | None = None) -> None:
-        """Wait until the sidecar has no run going and nothing left to write."""
-        deadline = time.monotonic() + timeout
+    def settle_sidecar(self, timeout: float = 20.0, svc: Service | None = None) -> float:
+        """Wait until the sidecar has no run going and nothing left to write; the seconds that
+        took."""
+        start = time.monotonic()
+        deadline = start + timeout
         while time.monotonic() < deadline:
             m = scrape(svc or self.sidecar)
             if (
                 total(m, "sse_sidecar_writer_pending_events") == 0
                 and total(m, "sse_sidecar_runs_active") == 0
             ):
-                return
+                return time.monotonic() - start
             time.sleep(0.05)
         self.log("  warning: the sidecar did not settle")
+        return time.monotonic() - start
 
     def stored(self, keys: list[str]) -> int:
         pipe = self.r.pipeline(transaction=False)
@@ -473,7 +480,24 @@ class Bench:
                 summary[key]["batch_mean"] = spread([x["write"]["batch"]["mean"] for x in cells])
                 summary[key]["stored"] = sum(x["stored"] for x in cells)
                 summary[key]["expected"] = sum(x["expected_events"] for x in cells)
-        return {"cells": runs, "summary": summary}
+        return {"cells": runs, "summary": summary, "sustained": self.sustained()}
+
+    def sustained(self) -> dict[str, dict[str, Any]]:
+        """One long saturating cell per sidecar (issue 15: throughput counts what is stored):
+        what was relayed, what was stored, how long the writer took after the streams ended."""
+        c = self.config
+        out: dict[str, dict[str, Any]] = {}
+        for target in ["sidecar"] + (["baseline"] if self.baseline is not None else []):
+            cell = self.saturation_cell(target, "null", c.repeats, events=c.sustained_events)
+            stored_s = cell["wall_s"] + cell["settle_s"]
+            cell["stored_per_s"] = cell["stored"] / stored_s
+            out[target] = cell
+            self.log(
+                f"  sustained {target:<8} relayed {cell['events_per_s']:9.0f} events/s, stored "
+                f"{cell['stored']:,}/{cell['expected_events']:,} at {cell['stored_per_s']:9.0f}/s,"
+                f" dropped {cell['write']['dropped']:,.0f}, held {cell['paced_s']:.1f} s"
+            )
+        return out
 
     def saturation_cell(
         self, target: str, ids: str, rep: int, events: int | None = None
@@ -505,8 +529,10 @@ class Bench:
             res["target_cores"] = res["cpu_s"][target] / res["wall_s"]
             res["events_per_cpu_s"] = res["events"] / max(res["cpu_s"][target], 1e-9)
         if side is not None and before is not None:
-            self.settle_sidecar(svc=side)
-            res["write"] = write_path(before, scrape(side), res["wall_s"])
+            res["settle_s"] = self.settle_sidecar(timeout=120.0, svc=side)
+            after = scrape(side)
+            res["paced_s"] = total(after, PACED) - total(before, PACED)
+            res["write"] = write_path(before, after, res["wall_s"])
             keys = [f"sse:run:{{{prefix}-{i}}}" for i in range(c.sat_streams)]
             res["stored"] = self.stored(keys)
             self.flush_redis()

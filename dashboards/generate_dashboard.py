@@ -665,6 +665,19 @@ ROWS: Sequence[Row] = (
                 marks=((None, "green"), (1, "orange")),
                 decimals=0,
             ),
+            Panel(
+                310,
+                "Upstream reads held (pacing)",
+                "Share of the time the pod's tees held their upstream reads because its writer "
+                "was behind while the process was out of CPU (writer_pace_bytes): events are "
+                "stored at the rate they are relayed instead of being dropped past "
+                "writer_max_bytes. Near 1 for long: the pod relays more than it can store; add "
+                "workers or CPU.",
+                "percentunit",
+                [Q(total(rate("sse_sidecar_upstream_paced_seconds_total"), "pod"), "{{pod}}")],
+                w=24,
+                h=8,
+            ),
         ),
     ),
     Row(

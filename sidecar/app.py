@@ -39,7 +39,7 @@ from sidecar.probe import RedisProbe
 from sidecar.proxy import Proxy, json_error
 from sidecar.replay import Replayer
 from sidecar.runs import CancelListener, OrphanSweep, RunRegistry, new_producer_id
-from sidecar.runtime import tune_gc
+from sidecar.runtime import cpu_capacity, tune_gc
 from sidecar.server import TrafficRunner
 from sidecar.store import RunStore
 from sidecar.telemetry import Metrics
@@ -174,6 +174,8 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
         ttl_seconds=s.stream_ttl_seconds,
         max_stream_events=s.max_stream_events,
         lease_seconds=s.lease_seconds,
+        pace_bytes=s.pace_bytes,
+        cpu_capacity=cpu_capacity(s.workers),
         tracer=app[TRACER],
     )
     writer.start()

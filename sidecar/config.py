@@ -89,6 +89,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Bound on unwritten event bytes; past it new events are dropped and counted.",
     )
+    writer_pace_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="When the writer's backlog passes this while the process is out of CPU "
+        "and Redis answers, the tees hold their upstream reads (1 s at most at a time) until "
+        "it is half of this: a sustained burst is stored whole instead of dropped past "
+        "writer_max_bytes. Never for a slow or unreachable Redis. Unset: a quarter of "
+        "writer_max_bytes; 0: off.",
+    )
     lease_seconds: float = Field(
         30.0, gt=0, description="Producer lease; another process may take over a run after it."
     )
@@ -250,6 +259,23 @@ class Settings(BaseSettings):
         if self.port and self.port == self.admin_port:
             raise ValueError("port and admin_port must differ")
         return self
+
+    @model_validator(mode="after")
+    def _pace_below_bound(self) -> Settings:
+        pace = self.writer_pace_bytes
+        if pace is not None and pace >= self.writer_max_bytes:
+            raise ValueError(
+                f"writer_pace_bytes ({pace}) must be below writer_max_bytes "
+                f"({self.writer_max_bytes}): pacing has to start before events are dropped "
+                "(0 turns it off)"
+            )
+        return self
+
+    @property
+    def pace_bytes(self) -> int:
+        """The writer backlog at which the tees are paced (0: never)."""
+        pace = self.writer_pace_bytes
+        return self.writer_max_bytes // 4 if pace is None else pace
 
 
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The process the sidecar runs in: its garbage collector.
+"""The process the sidecar runs in: its garbage collector, and how much CPU it can use.
 
 A sidecar is a long-lived server whose heap grows with its connections (a thousand streams and
 their readers hold a few hundred thousand objects) while each event allocates and frees a few
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +36,36 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), GC_THRESHOLDS)
+
+
+# cgroup v2, then v1: the container's CPU limit (Kubernetes resources.limits.cpu).
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cpu_limit() -> float | None:
+    """The container's CPU limit in cores, if it has one (None: no limit, or not readable)."""
+    try:
+        quota, period = CGROUP_V2_CPU_MAX.read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = CGROUP_V1_QUOTA.read_text().strip()
+            period = CGROUP_V1_PERIOD.read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        cores = int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return cores if cores > 0 else None
+
+
+def cpu_capacity(workers: int) -> float:
+    """CPU seconds per second one worker process can use: one core (its event loop is one
+    thread), or its share of the container's limit when that is less."""
+    limit = cpu_limit()
+    share = 1.0 if limit is None else limit / max(1, workers)
+    return min(1.0, share)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -38,7 +39,7 @@ from sidecar.terminal import (
     Transition,
 )
 from sidecar.tracing import exemplar
-from sidecar.upstream_in import read_directly, readable_directly
+from sidecar.upstream_in import GATED_SLICE, read_directly, readable_directly
 from sidecar.writer import RunStream, Writer
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ class Tee:
         self._counted_bytes = 0
         self._stream = stream
         self._writer = writer
+        self._pacer = writer.pacer
+        # The upstream connection's transport while its body is read directly (the pacer
+        # pauses it).
+        self._transport: asyncio.Transport | None = None
         self._runs = runs
         self._m = metrics
         self._upstream = upstream
@@ -245,14 +250,25 @@ class Tee:
                 chunk = await first
                 if not chunk:
                     return EndCause.EOF, None
-                if (end := await self._take(chunk)) is not None:
+                if (end := await self._take_paced(chunk)) is not None:
                     return end
             if self._inflater.identity and readable_directly(content):
                 # Each piece on the parser's call, no task step per chunk (upstream_in.py).
-                return await read_directly(content, self._take_direct) or (EndCause.EOF, None)
+                connection = self._upstream.connection
+                self._transport = connection.transport if connection is not None else None
+                try:
+                    gate = self._gate if self._pacer.enabled else None
+                    return await read_directly(content, self._take_direct, gate) or (
+                        EndCause.EOF,
+                        None,
+                    )
+                finally:
+                    self._pacer.let_go(self._gate)
             async for chunk in content.iter_any():
                 self._read_at = self._loop.time()
-                if (end := await self._take(chunk)) is not None:
+                # While the pacer holds, aiohttp's reader pauses the connection once its
+                # buffer is full.
+                if (end := await self._take_paced(chunk)) is not None:
                     return end
         except TimeoutError:
             return EndCause.UPSTREAM_TIMEOUT, READ_TIMEOUT_DETAIL
@@ -288,6 +304,26 @@ class Tee:
         """``_take`` for a body read directly (identity coding: one piece per chunk)."""
         self._read_at = self._loop.time()
         return self._take_piece(piece)
+
+    def _gate(self, resume: Callable[[], None]) -> bool:
+        """Before a direct read's pieces are taken: whether the pacer holds them (and pauses
+        the connection) until it calls ``resume``."""
+        if not self._pacer.engaged():
+            return False
+        self._pacer.hold(self._gate, resume, self._transport)
+        return True
+
+    async def _take_paced(self, chunk: bytes) -> tuple[EndCause | None, str | None] | None:
+        """``_take`` in slices, each once the pacer lets the tees read (as a direct read's
+        gate does, upstream_in.py)."""
+        if not self._pacer.enabled:
+            return await self._take(chunk)
+        for start in range(0, len(chunk), GATED_SLICE):
+            if self._pacer.engaged():
+                await self._pacer.released()
+            if (end := await self._take(chunk[start : start + GATED_SLICE])) is not None:
+                return end
+        return None
 
     def _take_piece(self, piece: bytes) -> tuple[EndCause | None, str | None] | None:
         try:
@@ -404,7 +440,9 @@ class Tee:
         ends the run (``upstream_timeout``). Checked here rather than by aiohttp's ``sock_read``
         timer, which is cancelled and armed again on every read (a timer per chunk of every
         stream); the proxy turns that timer off once a response is teed."""
-        if now - self._read_at >= self._read_timeout:
+        pacer = self._pacer
+        # A read the pacer held is no silence of the upstream's.
+        if not pacer.holding and now - max(self._read_at, pacer.released_at) >= self._read_timeout:
             self.cancel(EndCause.UPSTREAM_TIMEOUT, READ_TIMEOUT_DETAIL)
         if self._client is not None and now - self._sent_at >= interval:
             self._client.send(KEEPALIVE)

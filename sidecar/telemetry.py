@@ -212,6 +212,12 @@ class Metrics:
             "The configured bound on unwritten event bytes (writer_max_bytes).",
             registry=r,
         )
+        self.upstream_paced_seconds = Counter(
+            p + "upstream_paced_seconds",
+            "Seconds the tees held their upstream reads because the writer was behind while "
+            "the process was out of CPU (pacing: writer_pace_bytes), instead of dropping.",
+            registry=r,
+        )
         self.stream_trimmed_events = Counter(
             p + "stream_trimmed_events_total",
             "Stored events removed by the max_stream_events length cap.",

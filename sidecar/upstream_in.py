@@ -32,6 +32,12 @@ from typing import Generic, TypeVar
 import aiohttp
 
 End = TypeVar("End")
+# Asked before pieces go to the tee: True holds them, until the gate calls the resume callback
+# it was given (the pacer, sidecar/pace.py, holds a read this way while it pauses the
+# connection, so what was read already waits too instead of being relayed).
+Gate = Callable[[Callable[[], None]], bool]
+# With a gate, pieces go to the tee in slices of at most this, the gate asked before each.
+GATED_SLICE = 64 << 10
 
 # id(reader) -> its read. StreamReader has __slots__ and no room for a reference to the read;
 # DirectReader may add none (``__class__`` assignment needs the same layout).
@@ -39,20 +45,24 @@ _READS: dict[int, _DirectRead[object]] = {}
 
 
 class _DirectRead(Generic[End]):
-    __slots__ = ("done", "ended", "loop", "pending", "reader", "take")
+    __slots__ = ("done", "ended", "eof", "gate", "held", "loop", "pending", "reader", "take")
 
     def __init__(
         self,
         reader: aiohttp.StreamReader,
         take: Callable[[bytes], End | None],
         done: asyncio.Future[End | None],
+        gate: Gate | None,
     ) -> None:
         self.reader = reader
         self.take = take
         self.done = done
+        self.gate = gate
         self.loop = done.get_loop()
         self.pending: list[bytes] = []
         self.ended = False
+        self.held = False  # the gate holds the pieces until it calls resume
+        self.eof = False  # the body has ended: once the pending pieces are taken, so has the read
 
     def piece(self, data: bytes) -> None:
         # Handed over once the parser is done with what the socket read brought: a read of
@@ -63,18 +73,46 @@ class _DirectRead(Generic[End]):
         if len(self.pending) == 1:
             self.loop.call_soon(self.flush)
 
-    def flush(self) -> None:
-        if self.ended or not self.pending:
+    def flush(self, force: bool = False) -> None:
+        """Hand the pending pieces to the tee, unless the gate holds them (``force``: the body
+        ends or breaks here, so they go now whatever the gate says). With a gate, in slices of
+        ``GATED_SLICE`` bytes, the gate asked before each: a socket read or a buffer can hold
+        hundreds of KB, and a hold must stop what was read already, not only what is not."""
+        if self.ended or not self.pending or (self.held and not force):
             return
         data = b"".join(self.pending) if len(self.pending) > 1 else self.pending[0]
         self.pending.clear()
+        gate = None if force else self.gate
+        while gate is not None:
+            if gate(self.resume):
+                self.pending.append(data)
+                self.held = True
+                return
+            if len(data) <= GATED_SLICE:
+                break
+            head, data = data[:GATED_SLICE], data[GATED_SLICE:]
+            if self._give(head):
+                return
+        if not self._give(data) and self.eof:
+            self.finish(None)
+
+    def _give(self, data: bytes) -> bool:
+        """One piece to the tee; True when the read is over (the tee's end, or its failure)."""
         try:
             end = self.take(data)
         except Exception as exc:  # a bug in the tee: its task fails, not aiohttp's parser
             self.finish(exc)
-            return
+            return True
         if end is not None:
             self.finish(end)
+            return True
+        return False
+
+    def resume(self) -> None:
+        """The gate lets the pieces go (it has the connection read again)."""
+        self.held = False
+        if self.pending and not self.ended:
+            self.loop.call_soon(self.flush)
 
     def finish(self, end: End | BaseException | None) -> None:
         """The read is over: ``end`` is what it returns (an exception: what it raises)."""
@@ -121,7 +159,7 @@ class DirectReader(aiohttp.StreamReader):
     def feed_eof(self) -> None:
         read = _READS.get(id(self))
         if read is not None:
-            read.flush()  # the body's last pieces go first
+            read.flush(force=True)  # the body's last pieces go first
         _BASE.feed_eof(self)
         if read is not None:
             read.finish(None)
@@ -130,7 +168,7 @@ class DirectReader(aiohttp.StreamReader):
         read = _READS.get(id(self))
         if read is not None:
             # What came before the connection broke: events the upstream did send.
-            read.flush()
+            read.flush(force=True)
         if exc_cause is None:
             _BASE.set_exception(self, exc)
         else:
@@ -145,28 +183,41 @@ def readable_directly(reader: aiohttp.StreamReader) -> bool:
 
 
 async def read_directly(
-    reader: aiohttp.StreamReader, take: Callable[[bytes], End | None]
+    reader: aiohttp.StreamReader,
+    take: Callable[[bytes], End | None],
+    gate: Gate | None = None,
 ) -> End | None:
     """Give ``take`` every piece of the body, in order, until it returns an end (returned
     here) or the body ends (None). The connection's failure is raised as aiohttp raised it to a
     reader (``aiohttp.ClientPayloadError`` and the like). The caller checked
-    ``readable_directly``.
+    ``readable_directly``. ``gate``: see ``Gate`` (the body's end or failure does not wait for
+    it).
 
     What the reader holds already goes first; from then on the pieces come on the parser's
     call. Cancelling the wait hands the reader back to aiohttp (the caller closes the response).
     """
     # read_nowait may let the parser feed more as it drains (aiohttp resumes reading below its
-    # low-water mark): read until nothing is left, with no await in between.
-    while buffered := reader.read_nowait():
-        if (end := take(buffered)) is not None:
-            return end
-    if reader.is_eof():
+    # low-water mark, and parses what it held back): read until nothing is left, with no await
+    # in between, before the reader is switched (what the parser feeds meanwhile lands behind
+    # what was buffered, in order).
+    buffered: list[bytes] = []
+    while piece := reader.read_nowait():
+        buffered.append(piece)
+    if reader.is_eof() and not buffered:
         return None
     loop = asyncio.get_running_loop()
     done: asyncio.Future[End | None] = loop.create_future()
-    read = _DirectRead(reader, take, done)
-    _READS[id(reader)] = read  # type: ignore[assignment]
-    reader.__class__ = DirectReader
+    read = _DirectRead(reader, take, done, gate)
+    # Through the gate like every later piece (a new run's buffered bytes can be a few hundred
+    # KB: 40 MB of them passed a hold of 100 streams before they went this way).
+    read.pending = buffered
+    if reader.is_eof():
+        read.eof = True  # the whole rest of the body: the read ends once it is taken
+    else:
+        _READS[id(reader)] = read  # type: ignore[assignment]
+        reader.__class__ = DirectReader
+    if buffered:
+        loop.call_soon(read.flush)
     try:
         return await done
     finally:

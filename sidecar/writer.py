@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,6 +47,7 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode, T
 from sidecar.background import Background
 from sidecar.errors import InvalidRunId, RunConflict, RunExists, StoreError
 from sidecar.keys import RunId, validate_run_id
+from sidecar.pace import Pacer
 from sidecar.store import AppendOp, AppendResult, AppendStatus, Pending, RunStore, backoff
 from sidecar.store import meta as fields
 from sidecar.telemetry import Metrics
@@ -128,6 +130,8 @@ class Writer:
         ttl_seconds: int = 10800,
         max_stream_events: int = 100000,
         lease_seconds: float = 30.0,
+        pace_bytes: int = 0,
+        cpu_capacity: float = 1.0,
         tracer: Tracer | None = None,
     ) -> None:
         self._store = store
@@ -166,6 +170,16 @@ class Writer:
         self._backoff = backoff(BACKOFF_START, BACKOFF_MAX)
         self._failed_rounds = 0
         self._feed: StoredFeed | None = None
+        # Loop time of the last round trip Redis answered (the pacer's sign that it answers).
+        self._landed_at = -math.inf
+        self.pacer = Pacer(
+            metrics,
+            pace_bytes=pace_bytes,
+            backlog=lambda: self._pending_bytes,
+            landed_at=lambda: self._landed_at,
+            answering=lambda: not store.health.down,
+            capacity=cpu_capacity,
+        )
         # Read at scrape time: setting a gauge on every append would take a lock per event.
         metrics.writer_pending_events.set_function(lambda: self._pending_events)
         metrics.writer_pending_bytes.set_function(lambda: self._pending_bytes)
@@ -178,9 +192,12 @@ class Writer:
 
     def start(self) -> None:
         self._background.start()
+        self.pacer.start()
 
     async def close(self, timeout: float) -> bool:
         """Flush what is buffered within ``timeout`` seconds, then stop; True if all was written."""
+        # The tees are not held while the rest is flushed (shutdown ends them meanwhile).
+        await self.pacer.stop()
         flushed = await self.flush(timeout)
         await self._background.stop()
         if not flushed:
@@ -583,6 +600,7 @@ class Writer:
         finally:
             if not overlap:
                 self._armed = False
+        self._landed_at = asyncio.get_running_loop().time()
         if batch:
             self._m.flush_duration.observe(time.perf_counter() - started, exemplar(span))
             self._m.flush_batch_events.observe(sum(n for _, n, _ in batch))
