@@ -263,7 +263,7 @@ class Tee:
                         None,
                     )
                 finally:
-                    self._pacer.let_go(self._gate)
+                    self._pacer.let_go(self)
             async for chunk in content.iter_any():
                 self._read_at = self._loop.time()
                 # While the pacer holds, aiohttp's reader pauses the connection once its
@@ -310,7 +310,7 @@ class Tee:
         the connection) until it calls ``resume``."""
         if not self._pacer.engaged():
             return False
-        self._pacer.hold(self._gate, resume, self._transport)
+        self._pacer.hold(self, resume, self._transport)
         return True
 
     async def _take_paced(self, chunk: bytes) -> tuple[EndCause | None, str | None] | None:

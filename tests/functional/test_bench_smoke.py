@@ -49,6 +49,7 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
         "### A replay reader on every run",
         "### Opening runs",
         "### Saturation throughput",
+        "### Sustained saturation",
         "### Write path",
         "### Replay",
         "### Idle readers",
@@ -77,3 +78,7 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     for workers in summary["scaling"]["summary"].values():
         assert (workers["incomplete"], workers["dropped"]) == (0, 0)
     assert summary["saturation"]["summary"]["sidecar:null"]["incomplete"] == 0
+    # The long saturating cell: whatever it relayed, it stored (pacing, not overflow).
+    sustained = summary["saturation"]["sustained"]["sidecar"]
+    assert sustained["stored"] == sustained["expected_events"]
+    assert sustained["write"]["dropped"] == 0
