@@ -41,7 +41,7 @@ test-faults: setup
 	FAULTS_REPORT_DIR=.run/faults $(BIN)/pytest tests/faults -m "long or not long" $(PYTEST_ARGS)
 	$(BIN)/python -m tests.faults.report .run/faults
 
-## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (< 10 min; ARGS=...),
+## bench: set up (bench-only virtualenvs too), run the whole benchmark suite (about 15 min; ARGS=...),
 ## then the write path and the live tail on one Redis and on a 3-primary cluster
 bench: setup
 	@bench/setup.sh $(PYTHON)

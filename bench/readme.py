@@ -9,7 +9,7 @@ from bench.machine import one_line
 
 HOW = """\
 ```sh
-make bench         # the whole suite, about 16 minutes; prints the tables below (ARGS=--repeats 3)
+make bench         # the whole suite, about 15 minutes; prints the tables below (ARGS=--repeats 3)
 make bench-quick   # the same scenarios at small sizes, about a minute (the test suite runs it
                    # as a smoke test: tests/functional/test_bench_smoke.py)
 .venv/bin/python -m bench --profile 10 --profile-load streams1000   # py-spy the sidecar
@@ -53,6 +53,11 @@ How it measures, on one machine, everything on 127.0.0.1:
 - **Saturation**: streams sent as fast as the path takes them; events/s received, and the
   events per CPU-second of the process under test (what one core would do: on a 2-core machine
   the upstream, the load generator and Redis take the rest).
+- **Sustained saturation**: one long saturating cell (100 streams x 15,000 events, 1.5 million
+  in all) per sidecar: what it relayed, what reached Redis (counted with `XLEN` after the
+  writer was done), what was dropped, the stored events/s over the time until the writer was
+  done, and how long the tees held their reads for the writer (pacing). With `--baseline` the
+  other checkout gets its own cell.
 - **Peers, same run, same Redis**: direct to the upstream (the floor of any proxy), the plain
   aiohttp proxy (the floor of any Python proxy), `redis-benchmark` XADD pipelined 50 deep on 1
   and 50 connections (Redis's own limit), and Letta 0.16.x: its `create_background_stream_processor`
