@@ -7,6 +7,8 @@ Redis that answers at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -48,29 +50,38 @@ def burst_route(upstream: Upstream) -> None:
     upstream.routes["/burst"] = handler
 
 
-async def burst(
-    sc: Sidecar, http: aiohttp.ClientSession, redis_client: redis.asyncio.Redis
-) -> tuple[list[bytes], list[int]]:
-    """RUNS runs at once; each client's body, and each run's stored entry count once the
-    writer is done."""
-    ids = [RunId(f"burst-{i}") for i in range(RUNS)]
-    views = await asyncio.gather(
-        *(stream(http, sc.url + "/burst", method="GET", headers={"X-Run-Id": r}) for r in ids)
-    )
-    await sc.flushed(timeout=30)
-    return [v.body for v in views], [await redis_client.xlen(Keys().stream(r)) for r in ids]
+Burst = Callable[..., Awaitable[tuple[Sidecar, list[bytes], list[int]]]]
 
 
-@pytest.mark.timeout(120)
-async def test_a_burst_past_the_writer_bound_is_paced_and_stored_whole(
+@pytest.fixture
+def burst(
     upstream: Upstream,
     make_sidecar: SidecarFactory,
     redis_client: redis.asyncio.Redis,
     http: aiohttp.ClientSession,
-) -> None:
+) -> Burst:
+    """RUNS runs at once through a sidecar with these settings: the sidecar, each client's
+    body, and each run's stored entry count once the writer is done."""
     burst_route(upstream)
-    sc = await make_sidecar(writer_max_bytes=BOUND, live_buffer_bytes=CLIENT_BOUND)
-    bodies, lengths = await burst(sc, http, redis_client)
+
+    async def run(**settings: Any) -> tuple[Sidecar, list[bytes], list[int]]:
+        sc = await make_sidecar(writer_max_bytes=BOUND, live_buffer_bytes=CLIENT_BOUND, **settings)
+        ids = [RunId(f"burst-{i}") for i in range(RUNS)]
+        views = await asyncio.gather(
+            *(stream(http, sc.url + "/burst", method="GET", headers={"X-Run-Id": r}) for r in ids)
+        )
+        await sc.flushed(timeout=30)
+        lengths = [await redis_client.xlen(Keys().stream(r)) for r in ids]
+        return sc, [v.body for v in views], lengths
+
+    return run
+
+
+@pytest.mark.timeout(120)
+async def test_a_burst_past_the_writer_bound_is_paced_and_stored_whole(
+    burst: Burst, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    sc, bodies, lengths = await burst()
     # Every client got every event, and every event was stored: none dropped.
     assert [b.count(b"\n\n") for b in bodies] == [EVENTS + 2] * RUNS
     assert lengths == [EVENTS + 2] * RUNS
@@ -84,18 +95,9 @@ async def test_a_burst_past_the_writer_bound_is_paced_and_stored_whole(
 
 
 @pytest.mark.timeout(120)
-async def test_without_pacing_the_same_burst_drops_events(
-    upstream: Upstream,
-    make_sidecar: SidecarFactory,
-    redis_client: redis.asyncio.Redis,
-    http: aiohttp.ClientSession,
-) -> None:
+async def test_without_pacing_the_same_burst_drops_events(burst: Burst) -> None:
     """The case above is one pacing decides: with it off, the writer's bound overflows."""
-    burst_route(upstream)
-    sc = await make_sidecar(
-        writer_max_bytes=BOUND, writer_pace_bytes=0, live_buffer_bytes=CLIENT_BOUND
-    )
-    bodies, lengths = await burst(sc, http, redis_client)
+    sc, bodies, lengths = await burst(writer_pace_bytes=0)
     assert [b.count(b"\n\n") for b in bodies] == [EVENTS + 2] * RUNS  # the clients lose nothing
     dropped = sc.metric(P + "writer_dropped_events_total", reason="overflow")
     assert dropped > 0

@@ -38,6 +38,12 @@ class World:
     def busy(self) -> None:
         self.pacer.note_cpu(self.now, 0.95)
 
+    def engage(self, backlog: int) -> None:
+        """The backlog at ``backlog``, the process busy: a hold begins."""
+        self.backlog = backlog
+        self.busy()
+        assert self.pacer.engaged()
+
     def hold(self, name: str) -> None:
         """A reader whose pieces wait (no transport: its body has ended)."""
         self.pacer.hold(name, lambda: self.resumed.append(name), None)
@@ -84,9 +90,7 @@ def test_not_held_while_redis_fails(world: World) -> None:
 
 
 def test_let_go_once_the_writer_drained_to_half_the_mark(world: World) -> None:
-    world.backlog = PACE
-    world.busy()
-    assert world.pacer.engaged()
+    world.engage(PACE)
     world.hold("a")
     world.hold("b")
     world.landed = world.now + 0.01
@@ -106,9 +110,7 @@ def test_let_go_once_the_writer_drained_to_half_the_mark(world: World) -> None:
 
 
 def test_a_read_that_ended_is_not_resumed(world: World) -> None:
-    world.backlog = PACE
-    world.busy()
-    assert world.pacer.engaged()
+    world.engage(PACE)
     world.hold("a")
     world.hold("b")
     world.pacer.let_go("a")
@@ -120,9 +122,7 @@ def test_a_read_that_ended_is_not_resumed(world: World) -> None:
 def test_a_hold_in_which_redis_never_answered_ends_and_none_follows_until_it_does(
     world: World,
 ) -> None:
-    world.backlog = PACE
-    world.busy()
-    assert world.pacer.engaged()
+    world.engage(PACE)
     world.hold("a")
     world.at(PROGRESS - 0.01)
     assert world.pacer.holding
@@ -140,9 +140,7 @@ def test_a_hold_in_which_redis_never_answered_ends_and_none_follows_until_it_doe
 def test_a_long_hold_that_hardly_drained_is_followed_by_as_long_free(world: World) -> None:
     """A slow Redis, with the process busy too: a live client waits MAX_HOLD at most at a
     time, and at most half the time."""
-    world.backlog = 2 * PACE
-    world.busy()
-    assert world.pacer.engaged()
+    world.engage(2 * PACE)
     for _ in range(int(MAX_HOLD / 0.1) + 1):
         world.landed = world.now
         world.backlog -= 10  # lands, slowly
@@ -157,9 +155,7 @@ def test_a_long_hold_that_hardly_drained_is_followed_by_as_long_free(world: Worl
 
 
 def test_a_long_hold_that_drained_well_is_not_followed_by_free_time(world: World) -> None:
-    world.backlog = 4 * PACE
-    world.busy()
-    assert world.pacer.engaged()
+    world.engage(4 * PACE)
     for _ in range(int(MAX_HOLD / 0.1) + 1):
         world.landed = world.now
         world.backlog -= PACE // 4  # half of the way to the resume mark in the hold, and more
