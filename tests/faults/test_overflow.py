@@ -7,6 +7,7 @@ of it was ever stored, 18 % kept)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import pytest
@@ -137,21 +138,26 @@ async def test_slow_redis_with_a_small_writer_bound(
     net = await forwarder(redis)
     a = await sidecars("a", net.url, writer_max_bytes=128 << 10, flush_max_events=64)
     await net.set_delay(0.15)  # each way
+    began = time.monotonic()
     live = traffic.start(a, 20, interval=0.02, min_events=10**9)
     await traffic.received(live, 300, timeout=120)
     for run in live:
         run.max_events = len(run.sent)
     traffic.finish()
     await traffic.ended(live, timeout=60)
+    traffic_seconds = time.monotonic() - began
     await net.set_delay(0)
     scrape = await a.settled(http, timeout=60)
     audits = await audit(live, client, http, a)
     lost = [check_marked(x, kinds={"events_lost"}) for x in audits]
     dropped = scrape.by(P + "writer_dropped_events_total", "reason")
     assert dropped == {"overflow": sum(len(m) for m in lost)}
-    # A slow Redis, the process with CPU to spare: the tees were never held for it (pacing is
-    # for a process out of CPU, sidecar/pace.py); the live clients streamed on.
-    assert scrape.value(P + "upstream_paced_seconds_total") == 0
+    # A slow Redis, the process with CPU to spare: pacing (for a process out of CPU,
+    # sidecar/pace.py) holds the tees at most half the time, 1 s at a time, and only on a burst
+    # of CPU (none on a quiet machine; 2.3 s in a CI run with other tests on the same cores):
+    # the events still overflowed past the bound, as they must.
+    paced = scrape.value(P + "upstream_paced_seconds_total")
+    assert paced <= traffic_seconds / 2
     holes = [len(x.stored.meta["lost_ranges"].split(",")) for x in audits]
     assert max(holes) > 1  # the case made runs with several holes
     assert forced_reasons(audits) == {"natural": 20}
