@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         description="When the writer's backlog passes this while the process is out of CPU "
         "and Redis answers, the tees hold their upstream reads (1 s at most at a time) until "
         "it is half of this: a sustained burst is stored whole instead of dropped past "
-        "writer_max_bytes. Never for a slow or unreachable Redis. Unset: a quarter of "
-        "writer_max_bytes; 0: off.",
+        "writer_max_bytes. A slow or unreachable Redis does not hold them while the process has "
+        "CPU to spare. Unset: a quarter of writer_max_bytes; 0: off.",
     )
     lease_seconds: float = Field(
         30.0, gt=0, description="Producer lease; another process may take over a run after it."
