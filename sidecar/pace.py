@@ -9,7 +9,9 @@ dropped. Relaying faster than one can store only turns the difference into loss.
 
 So when the writer's backlog passes ``pace_bytes`` *and* the process is out of CPU (over a tick
 of ``TICK`` s it used at least ``BUSY_SHARE`` of what it can use: one core, or its share of the
-container's CPU limit, ``runtime.cpu_capacity``; it counts as busy for ``BUSY_MEMORY`` s after)
+container's CPU limit, ``runtime.cpu_capacity``; it counts as busy for ``BUSY_MEMORY`` s after;
+a tick that a long loop turn holds back is judged by the tee that asks, from the CPU used since
+the last tick)
 *and* Redis is answering (its last command did not fail), the tees stop taking their upstreams'
 bytes: each read's pieces wait, and its connection's transport is paused (the upstream's writes
 then wait in TCP, as for any slow reader), until the backlog is half of ``pace_bytes``, for at
@@ -87,6 +89,9 @@ class Pacer:
         self._held_since = 0.0
         self._held_from = 0  # the backlog when the hold began
         self._busy_until = -math.inf
+        # The last tick: when, and the process's CPU time then (math.inf: no tick yet).
+        self._tick_at = math.inf
+        self._tick_cpu = 0.0
         self._free_until = -math.inf
         self.released_at = -math.inf  # loop time the last hold ended
         # reader -> (its resume, its connection's transport)
@@ -114,6 +119,10 @@ class Pacer:
         if self._pace <= 0 or self._backlog() < self._pace:
             return False
         now = self._clock()
+        if now >= self._busy_until and now - self._tick_at >= 2 * TICK:
+            # The loop has not ticked for a while: a long turn, relaying (a run's whole body
+            # at once). Judged here, or the backlog would pass the bound before the next tick.
+            self.note_cpu(now, (time.process_time() - self._tick_cpu) / (now - self._tick_at))
         if now >= self._busy_until or now < self._free_until:
             return False
         if not self._answering():
@@ -200,14 +209,14 @@ class Pacer:
             self._release(now)
 
     async def _loop(self) -> None:
-        then, cpu_then = self._clock(), time.process_time()
+        self._tick_at, self._tick_cpu = self._clock(), time.process_time()
         try:
             while True:
                 await asyncio.sleep(TICK)
                 now, cpu = self._clock(), time.process_time()
-                if now > then:
-                    self.note_cpu(now, (cpu - cpu_then) / (now - then))
-                then, cpu_then = now, cpu
+                if now > self._tick_at:
+                    self.note_cpu(now, (cpu - self._tick_cpu) / (now - self._tick_at))
+                self._tick_at, self._tick_cpu = now, cpu
                 self.review(now)
         finally:
             self._release(self._clock())
