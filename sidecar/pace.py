@@ -85,7 +85,6 @@ class Pacer:
         self._clock = clock  # the event loop's clock (asyncio's is time.monotonic)
         # A hold ended without a landing: none begins again until a round trip lands after it.
         self._need_landing_after: float | None = None
-        self._holding = False
         self._held_since = 0.0
         self._held_from = 0  # the backlog when the hold began
         self._busy_until = -math.inf
@@ -96,7 +95,7 @@ class Pacer:
         self.released_at = -math.inf  # loop time the last hold ended
         # reader -> (its resume, its connection's transport)
         self._held: dict[object, tuple[Callable[[], None], asyncio.Transport | None]] = {}
-        self._released = asyncio.Event()
+        self._released = asyncio.Event()  # set while no hold is on: what the tees wait for
         self._released.set()
         self._background = Background("sse-pacer", self._loop, metrics)
 
@@ -110,11 +109,15 @@ class Pacer:
 
     @property
     def holding(self) -> bool:
-        return self._holding
+        return not self._released.is_set()
+
+    @property
+    def enabled(self) -> bool:
+        return self._pace > 0
 
     def engaged(self) -> bool:
         """Whether the tees should hold their reads now (starts a hold when it is time)."""
-        if self._holding:
+        if self.holding:
             return True
         if self._pace <= 0 or self._backlog() < self._pace:
             return False
@@ -131,7 +134,6 @@ class Pacer:
             if self._landed_at() <= self._need_landing_after:
                 return False
             self._need_landing_after = None
-        self._holding = True
         self._held_since = now
         self._held_from = self._backlog()
         self._released.clear()
@@ -143,10 +145,6 @@ class Pacer:
                 extra={"reason": "pacing", "pending_bytes": self._backlog()},
             )
         return True
-
-    @property
-    def enabled(self) -> bool:
-        return self._pace > 0
 
     def hold(
         self,
@@ -172,9 +170,9 @@ class Pacer:
         await self._released.wait()
 
     def _release(self, now: float) -> None:
-        if not self._holding:
+        if not self.holding:
             return
-        self._holding = False
+        self._released.set()
         self.released_at = now
         self._m.upstream_paced_seconds.inc(now - self._held_since)
         held, self._held = self._held, {}
@@ -182,7 +180,6 @@ class Pacer:
             if transport is not None and not transport.is_closing():
                 transport.resume_reading()
             resume()
-        self._released.set()
 
     def note_cpu(self, now: float, share: float) -> None:
         """The process used ``share`` CPU seconds per second over the last tick."""
@@ -193,7 +190,7 @@ class Pacer:
         """During a hold: end it once the writer caught up, when Redis did not answer in it,
         or once it lasted ``MAX_HOLD`` (then, if the writer hardly drained, the tees get as
         long free)."""
-        if not self._holding:
+        if not self.holding:
             return
         held = now - self._held_since
         backlog = self._backlog()
