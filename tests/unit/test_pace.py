@@ -1,6 +1,6 @@
 """The pacer's decisions (sidecar/pace.py) on a clock the test moves: when the tees are held,
 when they are let go, and that a slow or silent Redis never holds them for long. The burst it is
-for, end to end, is in tests/functional/test_pace.py."""
+for, end to end, is in tests/faults/test_pace_burst.py (make test-faults)."""
 
 from __future__ import annotations
 
