@@ -657,6 +657,13 @@ class Writer:
             self._urgent.pop(run, None)
         if not run.events and not run.meta and not run.urgent:
             self._dirty.pop(run, None)
+        elif run in self._dirty:
+            # Served: behind every run that waits. Where it stayed in place, the runs at the
+            # front (each with a new event or two by the time it was served) took every round
+            # trip's budget whenever the writer was behind, and the runs behind them stored
+            # nothing for seconds: 1,000 streams with a reader each, the newest runs' first
+            # events were stored 4 s late, and their readers waited that long.
+            self._dirty.move_to_end(run)
 
     def _history_lost(self, run: RunStream) -> None:
         """Redis no longer had the run (restarted empty, flushed, failed over to an empty

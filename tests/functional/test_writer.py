@@ -179,6 +179,59 @@ async def test_many_runs_share_one_round_trip(
         assert (await meta(redis_client, run.run_id))["last_seq"] == "10"
 
 
+class FeedingStore(RunStore):
+    """A store that records which runs each round trip carries events of, and calls ``feed``
+    as each one goes out: streams that keep producing while the writer is behind."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.carried: list[set[RunId]] = []
+        self.feed: Callable[[], None] = lambda: None
+
+    async def append(self, ops: Any, **kwargs: Any) -> Any:
+        if carried := {op.run_id for op in ops if op.events}:
+            self.carried.append(carried)
+            self.feed()
+        return await super().append(ops, **kwargs)
+
+
+async def test_a_writer_behind_serves_every_run_in_turn(
+    redis_server: RedisServer, redis_client: redis.asyncio.Redis
+) -> None:
+    """20 runs that each get a new event with every round trip, 4 events a round trip (the
+    writer falls further behind with each): every run is served in turn, within 20 round trips.
+    Before, the runs first in line took every round trip's budget and the others stored nothing
+    while those kept producing (at 1,000 streams, the newest runs' first events were stored 4 s
+    late)."""
+    store = FeedingStore(redis_server.url, KEYS)
+    w = Writer(store, Metrics(), flush_max_events=4)
+    w.start()
+    try:
+        runs = [await opened(w, f"turn-{i}") for i in range(20)]
+        produced = dict.fromkeys(runs, 0)
+        feeding = 60  # round trips during which the runs keep producing
+
+        def feed() -> None:
+            if len(store.carried) > feeding:
+                return
+            for run in runs:
+                produced[run] += 1
+                assert w.append(run, produced[run], ev(produced[run]))
+
+        store.feed = feed
+        feed()
+        assert await w.flush(10)
+        # Served in turn: the 20th run in round trip 15 (before: the 7th in round trip 90, once
+        # the others had stopped producing).
+        served = set().union(*store.carried[:20])
+        assert served == {run.run_id for run in runs}
+        for run in runs:
+            assert seqs(await stored(redis_client, run.run_id)) == list(range(1, produced[run] + 1))
+    finally:
+        await w.close(1.0)
+        await store.aclose()
+
+
 class HeldStore(RunStore):
     """A store whose round trips carrying run ``held`` wait for ``release`` (Redis itself is
     real): the writer's first lane, stuck in flight."""
