@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -69,3 +70,20 @@ def cpu_capacity(workers: int) -> float:
     limit = cpu_limit()
     share = 1.0 if limit is None else limit / max(1, workers)
     return min(1.0, share)
+
+
+def thread_sleeps() -> int | None:
+    """How often the calling thread has given up the CPU by itself so far (blocked: for the
+    event loop's thread, mostly waiting for something to do); None where the OS does not say.
+
+    A loop that never idles never blocks: its ready callbacks and sockets make each poll return
+    at once. That holds on a node whose other processes take the cores, or in a container its
+    CPU limit throttles, where its CPU time alone (less than a core) says half idle. Not the
+    thread's run-queue wait: a light loop that wakes a thousand times a second waits a little
+    at every wake-up on a crowded node, and looks as if it wanted the CPU all the time."""
+    if _RUSAGE_THREAD is None:
+        return None
+    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+
+
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
