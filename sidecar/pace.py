@@ -200,7 +200,7 @@ class Pacer:
             # Measured with two CPU hogs on this 2-core machine: the burst test
             # (tests/functional/test_pace_burst.py) got under 90 % of a core, never held, and
             # dropped events in 8 runs of 8; judged by its sleeps too, it held and dropped
-            # nothing in 8 of 8.
+            # nothing in 6 of 6.
             never_idle = sleeps is not None and sleeps == self._tick_sleeps and span >= TICK
             self.note_cpu(now, (cpu - self._tick_cpu) / span, never_idle=never_idle)
         self._tick_at, self._tick_cpu, self._tick_sleeps = now, cpu, sleeps
