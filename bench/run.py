@@ -254,6 +254,7 @@ PROFILE_LOADS = (
     "streams1000readers",
     "readers1000",
     "catchup",
+    "runs",
 )
 
 
@@ -264,8 +265,10 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
     ``streams100`` and ``streams1000`` (100 or 1,000 streams at the token rate),
     ``streams100readers`` and ``streams1000readers`` (as many with a replay reader on every
     run: the readers scenario), ``readers1000`` (1,000 live-tail
-    readers of one run at the token rate) and ``catchup`` (one reader reading a finished
-    10,000-event run from the start, again and again).
+    readers of one run at the token rate), ``catchup`` (one reader reading a finished
+    10,000-event run from the start, again and again) and ``runs`` (short runs opened one
+    after another at ``runs_per_s``, a replay reader on each: the runs scenario's cost of
+    opening a run).
     """
     spy = TOOLS / "py-spy"
     if not spy.exists():
@@ -309,6 +312,22 @@ def profile(bench: Bench, seconds: float, load: str, out: Path) -> int:
                 ramp_s=1.0,
                 measure_after_s=2.5,
                 run_prefix=f"prof-{fmt}",
+            )
+        elif load == "runs":
+            timer = threading.Timer(1.5, start)
+            timer.start()
+            count = int(c.runs_per_s * (seconds + 3))
+            results[fmt] = bench.loadgen.call(
+                "streams_with_readers",
+                port=bench.sidecar.port,
+                path=STREAM_PATH,
+                count=count,
+                n=c.runs_events,
+                rate=c.rate,
+                ramp_s=count / c.runs_per_s,
+                measure_after_s=0.0,
+                run_prefix=f"prof-runs-{fmt}",
+                timeout_s=seconds + 60,
             )
         elif load == "catchup":
             run_id = f"prof-catchup-{fmt}"

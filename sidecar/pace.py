@@ -123,7 +123,7 @@ class Pacer:
         """Whether the tees should hold their reads now (starts a hold when it is time)."""
         if self.holding:
             return True
-        if self._pace <= 0 or self._backlog() < self._pace:
+        if not self.enabled or self._backlog() < self._pace:
             return False
         now = self._clock()
         if now >= self._busy_until and now - self._tick_at >= 2 * TICK:
