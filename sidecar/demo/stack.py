@@ -253,17 +253,23 @@ def quickstart(args: argparse.Namespace) -> int:
 
 
 async def _quickstart(args: argparse.Namespace, stack: Stack) -> int:
-    # SIGINT and SIGTERM cancel this task; whatever it was doing, the children are then stopped.
+    return await supervised(stack, lambda: _tour(args, stack), "quickstart")
+
+
+async def supervised(stack: Stack, body: Callable[[], Awaitable[int]], name: str) -> int:
+    """``body``'s exit status, the children of ``stack`` stopped once it is over, whatever
+    happened (also ``scripts/dashboard_scenario.py``'s). SIGINT and SIGTERM cancel this task;
+    a ``QuickstartError`` is printed as ``name`` failing."""
     main = asyncio.current_task()
     assert main is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, main.cancel)
     try:
-        return await _tour(args, stack)
+        return await body()
     except QuickstartError as exc:
         sys.stdout.flush()
-        print(f"\nquickstart failed: {exc}", file=sys.stderr)
+        print(f"\n{name} failed: {exc}", file=sys.stderr)
         return 1
     except asyncio.CancelledError:
         main.uncancel()
@@ -325,7 +331,7 @@ async def _start(
             "--daemonize", "no",
         ],
     )  # fmt: skip
-    await _until_ready(redis_child, f"redis://{HOST}:{ports.redis}", _redis_ping(redis))
+    await until_ready(redis_child, f"redis://{HOST}:{ports.redis}", redis_ping(redis))
     _started(redis_child, f"redis://{HOST}:{ports.redis}/0")
 
     upstream_url = f"http://{HOST}:{ports.upstream}"
@@ -335,7 +341,7 @@ async def _start(
          "--port", str(ports.upstream)],
     )  # fmt: skip
     health = f"{upstream_url}/v1/health"
-    await _until_ready(upstream, health, _http_ok(http, health))
+    await until_ready(upstream, health, http_ok(http, health))
     _started(upstream, upstream_url, "the demo LLM service")
 
     sidecar = stack.start(
@@ -352,7 +358,7 @@ async def _start(
         ],
     )  # fmt: skip
     readyz = f"http://{HOST}:{ports.admin}/readyz"
-    await _until_ready(sidecar, readyz, _http_ok(http, readyz))
+    await until_ready(sidecar, readyz, http_ok(http, readyz))
     _started(sidecar, f"http://{HOST}:{ports.sidecar}", f"admin http://{HOST}:{ports.admin}")
 
 
@@ -364,7 +370,7 @@ def _started(child: Child, url: str, note: str = "") -> None:
 Probe = Callable[[], Awaitable[str | None]]
 
 
-def _redis_ping(redis: RunStore) -> Probe:
+def redis_ping(redis: RunStore) -> Probe:
     async def probe() -> str | None:
         try:
             await redis.probe()
@@ -375,7 +381,7 @@ def _redis_ping(redis: RunStore) -> Probe:
     return probe
 
 
-def _http_ok(http: aiohttp.ClientSession, url: str) -> Probe:
+def http_ok(http: aiohttp.ClientSession, url: str) -> Probe:
     async def probe() -> str | None:
         try:
             async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
@@ -388,7 +394,7 @@ def _http_ok(http: aiohttp.ClientSession, url: str) -> Probe:
     return probe
 
 
-async def _until_ready(child: Child, what: str, probe: Probe) -> None:
+async def until_ready(child: Child, what: str, probe: Probe) -> None:
     """Poll ``probe`` (None means ready) until it passes, the child dies or time runs out."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STARTUP_TIMEOUT
