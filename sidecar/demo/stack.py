@@ -209,8 +209,8 @@ class Stack:
         return child
 
     def stop(self) -> None:
-        if any(child.exited() is None for child in self.children):
-            print("stopping the sidecar, the demo upstream and Redis ...", flush=True)
+        if running := [child.name for child in reversed(self.children) if child.exited() is None]:
+            print(f"stopping {', '.join(running)} ...", flush=True)
         while self.children:
             child = self.children.pop()
             if child.exited() is not None:
