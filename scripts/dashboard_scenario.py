@@ -32,9 +32,7 @@ import collections
 import json
 import random
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,6 @@ import aiohttp
 
 from sidecar.demo.stack import (
     HOST,
-    STOP_TIMEOUT,
     Child,
     QuickstartError,
     Stack,
@@ -195,27 +192,6 @@ def binary(name: str) -> str:
     return path
 
 
-def stop_child(child: Child, *, kill: bool = False) -> None:
-    """Stop one child: SIGKILL at once (``kill``), or SIGTERM and SIGKILL after a timeout."""
-    if child.exited() is not None:
-        return
-    if kill:
-        child.proc.kill()
-    else:
-        child.proc.send_signal(signal.SIGTERM)
-    try:
-        child.proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        child.proc.kill()
-        child.proc.wait()
-
-
-def replace_child(stack: Stack, old: Child, new: Child) -> None:
-    """Keep a restarted child where the old one was: the stop order stays the same."""
-    stack.children.remove(new)
-    stack.children[stack.children.index(old)] = new
-
-
 @dataclass
 class Scenario:
     args: argparse.Namespace
@@ -263,20 +239,7 @@ class Scenario:
     # -- the processes ---------------------------------------------------------------------
 
     async def start_redis(self) -> Child:
-        workdir = self.stack.workdir
-        child = self.stack.start(
-            "redis",
-            [
-                binary("redis-server"),
-                "--bind", HOST,
-                "--port", str(self.redis_port),
-                "--dir", str(workdir),
-                "--logfile", str(workdir / "redis.log"),
-                "--save", "",
-                "--appendonly", "no",
-                "--daemonize", "no",
-            ],
-        )  # fmt: skip
+        child = self.stack.start_redis(binary("redis-server"), self.redis_port)
         store = RunStore(self.redis_url, Keys(), max_connections=2, timeout=2.0)
         try:
             await until_ready(child, self.redis_url, redis_ping(store))
@@ -285,11 +248,7 @@ class Scenario:
         return child
 
     async def start_upstream(self) -> Child:
-        child = self.stack.start(
-            "upstream",
-            [sys.executable, "-m", "sidecar", "demo-upstream", "--host", HOST,
-             "--port", str(self.upstream_port)],
-        )  # fmt: skip
+        child = self.stack.start_upstream(self.upstream_port)
         health = f"{self.upstream_url}/v1/health"
         await until_ready(child, health, http_ok(self.http, health))
         return child
@@ -492,18 +451,18 @@ class Scenario:
         await self.until(tl.upstream_at)
         self.say(f"incident: the LLM upstream stops for {tl.upstream_for:.0f}s")
         self.stopped.add(upstream.proc.pid)
-        stop_child(upstream, kill=True)
+        upstream.stop(kill=True)
         await self.until(tl.upstream_at + tl.upstream_for)
         new_upstream = await self.start_upstream()
-        replace_child(self.stack, upstream, new_upstream)
+        self.stack.replace(upstream, new_upstream)
         self.say(f"the LLM upstream is back (pid {new_upstream.proc.pid})")
         await self.until(tl.redis_at)
         self.say(f"incident: Redis stops for {tl.redis_for:.0f}s")
         self.stopped.add(redis.proc.pid)
-        await asyncio.to_thread(stop_child, redis)
+        await asyncio.to_thread(redis.stop)
         await self.until(tl.redis_at + tl.redis_for)
         new_redis = await self.start_redis()
-        replace_child(self.stack, redis, new_redis)
+        self.stack.replace(redis, new_redis)
         self.say(f"Redis is back, empty (pid {new_redis.proc.pid})")
 
     async def until(self, t: float) -> None:

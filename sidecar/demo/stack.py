@@ -176,6 +176,21 @@ class Child:
         last = text.splitlines()[-lines:]
         return "\n".join("    " + line for line in last) if last else "    (empty)"
 
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGKILL at once (``kill``), or SIGTERM and SIGKILL after ``STOP_TIMEOUT``."""
+        if self.exited() is not None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} did not stop within {STOP_TIMEOUT:.0f}s: killing it")
+            self.proc.kill()
+            self.proc.wait()
+
     def died(self, doing: str) -> QuickstartError:
         return QuickstartError(
             f"{self.name} exited with code {self.exited()} {doing}; "
@@ -212,16 +227,36 @@ class Stack:
         if running := [child.name for child in reversed(self.children) if child.exited() is None]:
             print(f"stopping {', '.join(running)} ...", flush=True)
         while self.children:
-            child = self.children.pop()
-            if child.exited() is not None:
-                continue
-            child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"{child.name} did not stop within {STOP_TIMEOUT:.0f}s: killing it")
-                child.proc.kill()
-                child.proc.wait()
+            self.children.pop().stop()
+
+    def replace(self, old: Child, new: Child) -> None:
+        """``new`` (just started) takes ``old``'s place: the stop order stays the same."""
+        self.children.remove(new)
+        self.children[self.children.index(old)] = new
+
+    def start_redis(self, server: str, port: int) -> Child:
+        """``server`` (redis-server) on ``port``, no persistence, its files in the work dir."""
+        return self.start(
+            "redis",
+            [
+                server,
+                "--bind", HOST,
+                "--port", str(port),
+                "--dir", str(self.workdir),
+                "--logfile", str(self.workdir / "redis.log"),
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+            ],
+        )  # fmt: skip
+
+    def start_upstream(self, port: int) -> Child:
+        """The demo LLM service on ``port``."""
+        return self.start(
+            "upstream",
+            [sys.executable, "-m", "sidecar", "demo-upstream", "--host", HOST,
+             "--port", str(port)],
+        )  # fmt: skip
 
 
 @dataclass
@@ -318,28 +353,12 @@ async def _start(
     stack.workdir.mkdir(parents=True, exist_ok=True)
     print("sse-sidecar quickstart: Redis, a demo LLM service and the sidecar, on 127.0.0.1\n")
 
-    redis_child = stack.start(
-        "redis",
-        [
-            redis_server,
-            "--bind", HOST,
-            "--port", str(ports.redis),
-            "--dir", str(stack.workdir),
-            "--logfile", str(stack.workdir / "redis.log"),
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-        ],
-    )  # fmt: skip
+    redis_child = stack.start_redis(redis_server, ports.redis)
     await until_ready(redis_child, f"redis://{HOST}:{ports.redis}", redis_ping(redis))
     _started(redis_child, f"redis://{HOST}:{ports.redis}/0")
 
     upstream_url = f"http://{HOST}:{ports.upstream}"
-    upstream = stack.start(
-        "upstream",
-        [sys.executable, "-m", "sidecar", "demo-upstream", "--host", HOST,
-         "--port", str(ports.upstream)],
-    )  # fmt: skip
+    upstream = stack.start_upstream(ports.upstream)
     health = f"{upstream_url}/v1/health"
     await until_ready(upstream, health, http_ok(http, health))
     _started(upstream, upstream_url, "the demo LLM service")
